@@ -1,0 +1,90 @@
+"""Dtype helpers, finite guards and the data-driven init scale.
+
+Everything here is dtype-explicit because the package runs under
+`jax_numpy_dtype_promotion="strict"`: no silent bf16→f32 (or f32→f64) promotion.
+"""
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Bool, Float, PyTree
+
+
+def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """The dtype the fit is computed in: at least single precision, complex kept complex.
+
+    f64/c128 stay as they are (the user asked for them through their params); everything
+    narrower is lifted to f32/c64, so bf16 Q or gradients never do the maths in bf16.
+    """
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return jnp.promote_types(dtype, jnp.complex64)
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def real_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """The real dtype matching `dtype` (f32 for c64, f64 for c128)."""
+    return jnp.zeros((), dtype).real.dtype
+
+
+def is_complex(dtype: jnp.dtype) -> bool:
+    return bool(jnp.issubdtype(jnp.dtype(dtype), jnp.complexfloating))
+
+
+def abs2(x: Array) -> Array:
+    """|x|² as a real array (x·conj(x) without a complex intermediate)."""
+    if is_complex(x.dtype):
+        return x.real * x.real + x.imag * x.imag
+    return x * x
+
+
+def all_finite(x: Array) -> Bool[Array, ""]:
+    return jnp.all(jnp.isfinite(x))
+
+
+def tree_all_finite(tree: PyTree[Array]) -> Bool[Array, ""]:
+    """One scalar: every element of every leaf is finite (True for an empty tree)."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.array(True)
+    return jnp.all(jnp.stack([all_finite(x) for x in leaves]))
+
+
+def safe_rms(x: Array) -> Float[Array, ""]:
+    """Root-mean-square of `x` in f32 that neither overflows (1e30 inputs) nor divides by 0.
+
+    The max-abs is factored out first, so squares are taken of numbers ≤ 1.
+    """
+    a = jnp.abs(x).astype(compute_dtype(real_dtype(x.dtype)))
+    m = jnp.max(a)
+    safe_m = jnp.where(m > 0, m, jnp.ones_like(m))
+    return m * jnp.sqrt(jnp.mean(jnp.square(a / safe_m)))
+
+
+def init_scale_from_grads(
+    grads: PyTree[Array], damping: float | ArrayLike = 1e-9
+) -> Float[Array, ""]:
+    """The reference's global data-driven init scale, in f32 and overflow-safe.
+
+    scale = (max_i mean|g_i|⁴ + δ⁴)^(−1/8), so that Q = scale·I gives P = scale²·I ≈
+    E[ggᴴ]^(−1/2) in magnitude. Computed in the log domain with the max-abs factored out:
+    1e30 gradients would overflow |g|⁴ in f32. Falls back to 1.0 when every gradient is
+    zero or anything is non-finite (anchors §3 item 9: NaN after the first step).
+    """
+    leaves = [g for g in jax.tree.leaves(grads) if g.size > 0]
+    if not leaves:
+        return jnp.ones((), jnp.float32)
+    logs = []
+    any_nonzero = []
+    for g in leaves:
+        a = jnp.abs(g).astype(jnp.float32)
+        m = jnp.max(a)
+        safe_m = jnp.where(m > 0, m, 1.0)
+        r = jnp.mean(jnp.square(jnp.square(a / safe_m)))
+        logs.append(jnp.where(m > 0, 4.0 * jnp.log(safe_m) + jnp.log(r), -jnp.inf))
+        any_nonzero.append(m > 0)
+    log_m4 = jnp.max(jnp.stack(logs))
+    log_d4 = 4.0 * jnp.log(jnp.asarray(damping, jnp.float32))
+    log_total = jnp.logaddexp(log_m4, log_d4)
+    scale = jnp.exp(-log_total / 8.0)
+    ok = jnp.any(jnp.stack(any_nonzero)) & jnp.isfinite(scale) & tree_all_finite(leaves)
+    return jnp.where(ok, scale, jnp.ones((), jnp.float32))

@@ -1,0 +1,196 @@
+"""Per-leaf structure rules: which axes of a Kron preconditioner are dense, from shapes alone.
+
+The names are the seeds' (psgd_jax / kron_torch / psgdax / the reference), so users can
+bring their settings over:
+
+- `max_size_triangular`: axes longer than this get a diagonal factor;
+- `min_ndim_triangular`: tensors with fewer (squeezed) axes get only diagonal factors;
+- `max_skew_triangular`: axis i is diagonal when nᵢ² > max_skew · N (the reference's
+  `preconditioner_max_skew`; N = number of elements), which caps each dense factor at the
+  size of the parameter itself;
+- `memory_save_mode`: `None`, `"one_diag"` (the largest axis diagonal),
+  `"smart_one_diag"` (the largest axis diagonal only if strictly larger than the second),
+  `"one_triu"` (only the smallest axis may be dense), `"all_diag"`.
+
+Size-1 axes are squeezed before any rule is applied (a `(1, 64)` bias is a vector).
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import PyTree
+
+from ._geometry import canonical_geometry
+from ._numerics import compute_dtype, real_dtype
+from ._precond.kron import squeezed_shape
+
+
+MEMORY_SAVE_MODES = (None, "one_diag", "smart_one_diag", "one_triu", "all_diag")
+
+
+def validate_structure_rules(
+    max_size_triangular, min_ndim_triangular, max_skew_triangular, memory_save_mode
+) -> None:
+    """Raise `ValueError` naming the argument for an invalid structure rule."""
+    if not isinstance(max_size_triangular, (int, float)) or max_size_triangular < 0:
+        raise ValueError(
+            f"`max_size_triangular` must be a number >= 0; got {max_size_triangular!r}."
+        )
+    if not isinstance(min_ndim_triangular, int) or min_ndim_triangular < 0:
+        raise ValueError(
+            f"`min_ndim_triangular` must be an int >= 0; got {min_ndim_triangular!r}."
+        )
+    if not isinstance(max_skew_triangular, (int, float)) or not max_skew_triangular >= 0:
+        raise ValueError(
+            f"`max_skew_triangular` must be a number >= 0; got {max_skew_triangular!r}."
+        )
+    if memory_save_mode not in MEMORY_SAVE_MODES:
+        raise ValueError(
+            f"`memory_save_mode` must be one of {MEMORY_SAVE_MODES}; got {memory_save_mode!r}."
+        )
+
+
+def dense_axes(
+    shape: tuple[int, ...],
+    *,
+    max_size_triangular: float = 8192,
+    min_ndim_triangular: int = 2,
+    max_skew_triangular: float = float("inf"),
+    memory_save_mode: str | None = None,
+) -> tuple[bool, ...]:
+    """Per squeezed axis of `shape`: does it get a dense (True) or diagonal factor?
+
+    **Arguments:** the structure rules described in this module's docstring.
+
+    **Returns:** one flag per axis of `squeezed_shape(shape)`.
+    """
+    validate_structure_rules(
+        max_size_triangular, min_ndim_triangular, max_skew_triangular, memory_save_mode
+    )
+    axes = squeezed_shape(tuple(shape))
+    numel = math.prod(axes)
+    k = len(axes)
+    mode_diag = [False] * k
+    if memory_save_mode == "all_diag":
+        mode_diag = [True] * k
+    elif memory_save_mode == "one_diag":
+        mode_diag[max(range(k), key=lambda i: axes[i])] = True
+    elif memory_save_mode == "smart_one_diag":
+        order = sorted(range(k), key=lambda i: -axes[i])
+        if k == 1 or axes[order[0]] > axes[order[1]]:
+            mode_diag[order[0]] = True
+    elif memory_save_mode == "one_triu":
+        smallest = min(range(k), key=lambda i: axes[i])
+        mode_diag = [i != smallest for i in range(k)]
+    out = []
+    for n, md in zip(axes, mode_diag):
+        diag = (
+            n == 1
+            or md
+            or n > max_size_triangular
+            or k < min_ndim_triangular
+            or n * n > max_skew_triangular * numel
+        )
+        out.append(not diag)
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafPlan:
+    """What one parameter leaf gets.
+
+    **Fields:**
+
+    - `shape`: the parameter's shape.
+    - `axes`: the squeezed shape the factors act on.
+    - `factor_kinds`: per axis `"dense"`, `"triangular"` (dense under `EQ`) or `"diag"`.
+    - `state_bytes`: bytes of preconditioner state (factors, cache, Lipschitz estimates).
+    """
+
+    shape: tuple[int, ...]
+    axes: tuple[int, ...]
+    factor_kinds: tuple[str, ...]
+    state_bytes: int
+
+    def __str__(self) -> str:
+        kinds = " ⊗ ".join(f"{k}({n})" for k, n in zip(self.factor_kinds, self.axes))
+        return f"{self.shape} -> {kinds}: {self.state_bytes:,} B"
+
+
+def leaf_plan(
+    shape: tuple[int, ...],
+    dtype=jnp.float32,
+    *,
+    geometry: str = "PRO",
+    cache_preconditioner: bool = False,
+    **rules,
+) -> LeafPlan:
+    """The plan of one leaf; see [`psgd_eqx.kron_plan`][]."""
+    geometry = canonical_geometry(geometry)
+    axes = squeezed_shape(tuple(shape))
+    dense = dense_axes(shape, **rules)
+    item = jnp.dtype(dtype).itemsize
+    nbytes = len(axes) * jnp.dtype(real_dtype(compute_dtype(dtype))).itemsize
+    kinds = []
+    for n, d in zip(axes, dense):
+        if d:
+            kinds.append("triangular" if geometry == "EQ" else "dense")
+            nbytes += n * n * item * (2 if cache_preconditioner else 1)
+        else:
+            kinds.append("diag")
+            nbytes += n * item
+    return LeafPlan(tuple(int(n) for n in shape), axes, tuple(kinds), nbytes)
+
+
+def kron_plan(
+    params: PyTree,
+    *,
+    max_size_triangular: float = 8192,
+    min_ndim_triangular: int = 2,
+    max_skew_triangular: float = float("inf"),
+    memory_save_mode: str | None = None,
+    geometry: str = "PRO",
+    precond_dtype=None,
+    cache_preconditioner: bool = False,
+) -> PyTree[LeafPlan]:
+    """The per-leaf preconditioner plan `kron(...)` would build, from shapes alone.
+
+    Nothing is printed by the optimizers; call this to see what each parameter gets.
+
+    **Arguments:**
+
+    - `params`: a pytree of arrays or `jax.ShapeDtypeStruct`s.
+    - the structure keywords of [`psgd_eqx.kron`][] (same names, same defaults).
+
+    **Returns:** a pytree with the structure of `params` whose leaves are `LeafPlan`s
+    (`shape`, `axes`, `factor_kinds`, `state_bytes`; `str(plan)` gives one readable line).
+
+    !!! Example
+
+        ```python
+        plan = psgd_eqx.kron_plan({"w": jnp.zeros((768, 3072)), "b": jnp.zeros(3072)},
+                                  max_skew_triangular=1.0)
+        for path, p in jax.tree_util.tree_leaves_with_path(plan):
+            print(jax.tree_util.keystr(path), p)
+        ```
+    """
+    rules = dict(
+        max_size_triangular=max_size_triangular,
+        min_ndim_triangular=min_ndim_triangular,
+        max_skew_triangular=max_skew_triangular,
+        memory_save_mode=memory_save_mode,
+    )
+
+    def one(p):
+        dtype = precond_dtype if precond_dtype is not None else compute_dtype(p.dtype)
+        return leaf_plan(
+            p.shape,
+            dtype,
+            geometry=geometry,
+            cache_preconditioner=cache_preconditioner,
+            **rules,
+        )
+
+    return jax.tree.map(one, params)

@@ -1,0 +1,77 @@
+import abc
+
+import equinox as eqx
+from jaxtyping import Array, ArrayLike, PRNGKeyArray, Shaped
+
+from .._norms import Normaliser
+
+
+class AbstractPrecond(eqx.Module):
+    """A PSGD preconditioner P = QᴴQ, as a pure-data pytree.
+
+    Subclasses are final: arrays are fields, trace-invariant configuration (which axes are
+    dense, the geometry) is static. `apply` returns P·g; `update` returns a *new*
+    preconditioner after one Lie-group fitting step on a pair (v, h). Both work under
+    `jax.jit` and `jax.vmap` (one preconditioner per stacked layer).
+    """
+
+    @abc.abstractmethod
+    def apply(self, g: Shaped[Array, "..."]) -> Shaped[Array, "..."]:
+        """Precondition a gradient-shaped array.
+
+        **Arguments:**
+
+        - `g`: an array with the parameter's shape.
+
+        **Returns:** P·g, with the dtype of `g`.
+        """
+
+    @abc.abstractmethod
+    def update(
+        self,
+        v: Shaped[Array, "..."] | None,
+        h: Shaped[Array, "..."],
+        *,
+        lr: ArrayLike,
+        key: PRNGKeyArray,
+        normaliser: Normaliser = Normaliser(),
+        balance_probability: float = 0.01,
+    ) -> "AbstractPrecond":
+        """One fitting step of Q on the pair (v, h).
+
+        **Arguments:**
+
+        - `v`: the probe vector, or `None` for whitening with v integrated out (T₂ = c·I).
+            Geometries that need v explicitly (`needs_v`) raise if it is `None`.
+        - `h`: the damped gradient/momentum (whitening) or Hessian-vector product (Newton).
+        - `lr`: the preconditioner learning rate μ (normalised: μ ≤ 1 is safe).
+        - `key`: randomness for norm bounds and factor balancing.
+        - `normaliser`: the step-size normaliser (Lipschitz EMA and norm bound).
+        - `balance_probability`: probability of rebalancing the factors' dynamic ranges.
+
+        **Returns:** the updated preconditioner (same structure, dtypes and static config).
+        """
+
+    @property
+    @abc.abstractmethod
+    def needs_v(self) -> bool:
+        """Whether `update` needs the probe v even for whitening."""
+
+    @abc.abstractmethod
+    def rescale(self, scale: ArrayLike) -> "AbstractPrecond":
+        """Return the preconditioner with Q multiplied by `scale` (so P by `scale²`).
+
+        **Arguments:**
+
+        - `scale`: a positive scalar.
+
+        **Returns:** the rescaled preconditioner.
+        """
+
+    @abc.abstractmethod
+    def as_matrix(self) -> Shaped[Array, "n n"]:
+        """P as a dense matrix over the row-major flattened parameter (for tests and
+        small problems only).
+
+        **Returns:** an `(N, N)` array, N the parameter's size.
+        """

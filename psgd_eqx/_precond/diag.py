@@ -1,0 +1,113 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
+
+from .._geometry import canonical_geometry, diag_lipschitz, diag_step, GeometrySpec
+from .._norms import Normaliser
+from .._numerics import abs2, all_finite, compute_dtype, real_dtype
+from .base import AbstractPrecond
+
+
+class DiagQ(AbstractPrecond):
+    """Element-wise diagonal preconditioner Q = diag(d), P = diag(|d|²).
+
+    One scale per parameter element (the memory of Adam's second moment), fitted with the
+    same diagonal geometry rule as the diagonal factors of [`psgd_eqx.KronQ`][]. Whitening
+    drives each |dᵢ|⁴ towards 1/E[gᵢ²].
+    """
+
+    d: Shaped[Array, "..."]
+    lipschitz: Float[Array, ""]
+    geometry: str = eqx.field(static=True)
+
+    def __check_init__(self):
+        if self.lipschitz.shape != ():
+            raise ValueError(
+                f"`DiagQ(lipschitz=...)` must be a scalar; got shape {self.lipschitz.shape}."
+            )
+        if self.geometry not in ("EQ", "QEQ", "QEP", "PRO", "QUAD"):
+            raise ValueError(f"`DiagQ(geometry=...)` unknown geometry {self.geometry!r}.")
+
+    @classmethod
+    def init(
+        cls,
+        shape: tuple[int, ...],
+        dtype=jnp.float32,
+        *,
+        geometry: str = "PRO",
+        init_scale: float | ArrayLike = 1.0,
+    ) -> "DiagQ":
+        """Q = `init_scale`·I for a parameter of the given shape.
+
+        **Arguments:**
+
+        - `shape`: the parameter's shape.
+        - `dtype`: storage dtype of d.
+        - `geometry`: any geometry name; on a diagonal all but `QUAD` give the same step.
+        - `init_scale`: the initial value of every dᵢ.
+
+        **Returns:** the preconditioner.
+        """
+        geometry = canonical_geometry(geometry)
+        d = jnp.full(tuple(shape), jnp.asarray(init_scale, jnp.float32).astype(dtype), dtype)
+        return cls(d, jnp.zeros((), real_dtype(compute_dtype(dtype))), geometry)
+
+    @property
+    def needs_v(self) -> bool:
+        return GeometrySpec(self.geometry).needs_v
+
+    def apply(self, g: Shaped[Array, "..."]) -> Shaped[Array, "..."]:
+        if g.shape != self.d.shape:
+            raise ValueError(f"`DiagQ.apply` expects shape {self.d.shape}; got {g.shape}.")
+        dtype = jnp.promote_types(self.d.dtype, g.dtype)
+        return (abs2(self.d).astype(dtype) * g.astype(dtype)).astype(g.dtype)
+
+    def update(
+        self,
+        v: Shaped[Array, "..."] | None,
+        h: Shaped[Array, "..."],
+        *,
+        lr: ArrayLike,
+        key: PRNGKeyArray,
+        normaliser: Normaliser = Normaliser(),
+        balance_probability: float = 0.01,
+    ) -> "DiagQ":
+        del key, balance_probability  # a single diagonal has nothing random to do
+        spec = GeometrySpec(self.geometry)
+        if v is None and spec.needs_v:
+            raise ValueError(f"geometry {self.geometry!r} needs the probe `v` explicitly.")
+        cd = compute_dtype(jnp.promote_types(self.d.dtype, h.dtype))
+        q = self.d.astype(cd)
+        x = h.astype(cd)
+        vv = None if v is None else v.astype(cd)
+        if spec.name == "EQ":
+            t1, t2 = abs2(q * x), abs2(vv / jnp.conj(q))
+        else:
+            pg = abs2(q).astype(cd) * x
+            if spec.stats_carry_q:
+                t1 = abs2(q * pg)
+                t2 = abs2(q) if vv is None else abs2(q * vv)
+            else:
+                t1 = abs2(pg)
+                t2 = jnp.ones((), real_dtype(cd)) if vv is None else abs2(vv)
+        rd = real_dtype(cd)
+        big_l = normaliser.lipschitz(self.lipschitz.astype(rd), diag_lipschitz(t1, t2))
+        eta = jnp.asarray(lr, rd) / jnp.maximum(big_l, jnp.finfo(rd).tiny)
+        new_q = diag_step(spec.name, q, t1, t2, eta)
+        ok = all_finite(new_q) & all_finite(big_l)
+        d = jnp.where(ok, new_q.astype(self.d.dtype), self.d)
+        lip = jnp.where(ok, big_l.astype(self.lipschitz.dtype), self.lipschitz)
+        return DiagQ(d, lip, self.geometry)
+
+    def rescale(self, scale: ArrayLike) -> "DiagQ":
+        s = jnp.asarray(scale, real_dtype(self.lipschitz.dtype)).astype(self.d.dtype)
+        return DiagQ(self.d * s, self.lipschitz, self.geometry)
+
+    def as_matrix(self) -> Shaped[Array, "n n"]:
+        return jnp.diag(abs2(self.d.astype(compute_dtype(self.d.dtype))).reshape(-1))
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of preconditioner state."""
+        return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self)))

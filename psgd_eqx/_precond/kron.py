@@ -1,0 +1,329 @@
+import math
+import string
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
+
+from .._geometry import (
+    balance_factors,
+    canonical_geometry,
+    dense_lipschitz,
+    dense_step,
+    diag_lipschitz,
+    diag_step,
+    GeometrySpec,
+    maybe_balance,
+)
+from .._norms import Normaliser
+from .._numerics import abs2, all_finite, compute_dtype, real_dtype
+from .base import AbstractPrecond
+
+
+def squeezed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The axes that get a factor: size-1 axes are dropped; a scalar (or all-ones shape) is
+    treated as a length-1 vector with one diagonal factor."""
+    sq = tuple(int(n) for n in shape if n != 1)
+    if not sq:
+        return (1,)
+    return sq
+
+
+def _mode_product(m: Array, x: Array, axis: int) -> Array:
+    """y = M ×_axis x, i.e. y[..a..] = Σ_b M[a, b] x[..b..]."""
+    return jnp.moveaxis(jnp.tensordot(m, x, axes=((1,), (axis,))), 0, axis)
+
+
+def _mode_scale(d: Array, x: Array, axis: int) -> Array:
+    shape = [1] * x.ndim
+    shape[axis] = d.shape[0]
+    return x * d.reshape(shape)
+
+
+def _contract(x: Array, y: Array, axis: int) -> Array:
+    """T[a, b] = Σ over all other axes of x[..a..] conj(y[..b..])."""
+    n = x.shape[axis]
+    xm = jnp.moveaxis(x, axis, 0).reshape(n, -1)
+    ym = jnp.moveaxis(y, axis, 0).reshape(n, -1)
+    return xm @ jnp.conj(ym).T
+
+
+def _contract_diag(x: Array, axis: int) -> Array:
+    """t[a] = Σ over all other axes of |x[..a..]|² (real)."""
+    axes = tuple(i for i in range(x.ndim) if i != axis)
+    return jnp.sum(abs2(x), axis=axes)
+
+
+def _apply_einsum(dense: tuple[bool, ...], cached: bool) -> str:
+    """One einsum string for P·x: per dense axis either P_i (cached) or Q_iᴴ, Q_i."""
+    letters = iter(string.ascii_letters)
+    in_sub, out_sub, ops = [], [], []
+    for is_dense in dense:
+        a = next(letters)
+        if not is_dense:
+            ops.append(a)
+            in_sub.append(a)
+            out_sub.append(a)
+        elif cached:
+            b = next(letters)
+            ops.append(b + a)
+            in_sub.append(a)
+            out_sub.append(b)
+        else:
+            b, c = next(letters), next(letters)
+            ops.extend([c + b, c + a])  # conj(Q)[c, b] · Q[c, a] = (QᴴQ)[b, a]
+            in_sub.append(a)
+            out_sub.append(b)
+    return ",".join(ops) + "," + "".join(in_sub) + "->" + "".join(out_sub)
+
+
+class KronQ(AbstractPrecond):
+    """Kronecker-factored preconditioner Q = Q₁ ⊗ … ⊗ Q_k for a tensor of any rank.
+
+    One factor per axis of size > 1 (size-1 axes are squeezed; scalars get one 1×1
+    diagonal factor): a dense n×n matrix (upper-triangular for the `EQ` geometry), or a
+    diagonal stored as a length-n vector. P = QᴴQ acts on axis i through Qᵢᴴ Qᵢ.
+
+    Fields: `factors` (one array per squeezed axis), `lipschitz` (the per-factor
+    Lipschitz estimates L, kept in f32), `cache` (optional Pᵢ = QᵢᴴQᵢ per dense factor,
+    recomputed at each refit so that `apply` costs one product per axis between refits).
+    """
+
+    factors: tuple[Array, ...]
+    lipschitz: Float[Array, " k"]
+    cache: tuple[Array | None, ...] | None
+    shape: tuple[int, ...] = eqx.field(static=True)
+    dense: tuple[bool, ...] = eqx.field(static=True)
+    geometry: str = eqx.field(static=True)
+
+    def __check_init__(self):
+        axes = squeezed_shape(self.shape)
+        if len(self.factors) != len(axes) or len(self.dense) != len(axes):
+            raise ValueError(
+                f"`KronQ` needs one factor per squeezed axis {axes} of shape {self.shape}; "
+                f"got {len(self.factors)} factors and {len(self.dense)} `dense` flags."
+            )
+        for i, (f, n, d) in enumerate(zip(self.factors, axes, self.dense)):
+            want = (n, n) if d else (n,)
+            if f.shape != want:
+                raise ValueError(
+                    f"`KronQ(factors=...)`: factor {i} must have shape {want}; got {f.shape}."
+                )
+        if self.lipschitz.shape != (len(axes),):
+            raise ValueError(
+                f"`KronQ(lipschitz=...)` must have shape {(len(axes),)}; got "
+                f"{self.lipschitz.shape}."
+            )
+        if self.geometry not in ("EQ", "QEQ", "QEP", "PRO", "QUAD"):
+            raise ValueError(f"`KronQ(geometry=...)` unknown geometry {self.geometry!r}.")
+
+    @classmethod
+    def init(
+        cls,
+        shape: tuple[int, ...],
+        dtype=jnp.float32,
+        *,
+        dense: tuple[bool, ...] | None = None,
+        geometry: str = "PRO",
+        init_scale: float | ArrayLike = 1.0,
+        cache_preconditioner: bool = False,
+    ) -> "KronQ":
+        """Q = `init_scale`·I for a parameter of the given shape.
+
+        **Arguments:**
+
+        - `shape`: the parameter's shape (any rank; size-1 axes are squeezed).
+        - `dtype`: storage dtype of the factors (the Lipschitz state is always ≥ f32).
+        - `dense`: per squeezed axis, dense (True) or diagonal (False); `None` = all dense.
+            See [`psgd_eqx.kron_plan`][] for the rules the optimizers use.
+        - `geometry`: `"EQ"`, `"QEQ"`, `"QEP"`, `"PRO"` (= `"Q0.5EQ1.5"`) or `"QUAD"`.
+        - `init_scale`: the overall scale of Q (spread evenly over the factors).
+        - `cache_preconditioner`: keep Pᵢ = QᵢᴴQᵢ of the dense factors (more memory,
+            cheaper `apply` between refits).
+
+        **Returns:** the preconditioner.
+        """
+        shape = tuple(int(n) for n in shape)
+        geometry = canonical_geometry(geometry)
+        axes = squeezed_shape(shape)
+        if dense is None:
+            dense = tuple(n > 1 for n in axes)
+        dense = tuple(bool(d) and n > 1 for d, n in zip(dense, axes))
+        if len(dense) != len(axes):
+            raise ValueError(
+                f"`dense` must have one flag per squeezed axis {axes}; got {len(dense)}."
+            )
+        per = jnp.asarray(init_scale, jnp.float32) ** (1.0 / len(axes))
+        factors = tuple(
+            (jnp.eye(n, dtype=dtype) if d else jnp.ones((n,), dtype)) * per.astype(dtype)
+            for n, d in zip(axes, dense)
+        )
+        lip = jnp.zeros((len(axes),), real_dtype(compute_dtype(dtype)))
+        out = cls(factors, lip, None, shape, dense, geometry)
+        return out._with_cache(cache_preconditioner)
+
+    # -- helpers ---------------------------------------------------------------------
+
+    @property
+    def axes_shape(self) -> tuple[int, ...]:
+        """The squeezed shape the factors act on."""
+        return squeezed_shape(self.shape)
+
+    @property
+    def needs_v(self) -> bool:
+        return GeometrySpec(self.geometry).needs_v
+
+    def _with_cache(self, enabled: bool) -> "KronQ":
+        if not enabled:
+            return eqx.tree_at(lambda q: q.cache, self, None, is_leaf=lambda x: x is None)
+        cache = tuple(
+            (jnp.conj(f.T) @ f) if d else None for f, d in zip(self.factors, self.dense)
+        )
+        return eqx.tree_at(lambda q: q.cache, self, cache, is_leaf=lambda x: x is None)
+
+    def _apply_p(self, factors, cache, x: Array) -> Array:
+        """P·x on the squeezed shape with the given (already cast) factors/cache."""
+        cached = cache is not None
+        ops = []
+        for i, (f, d) in enumerate(zip(factors, self.dense)):
+            if not d:
+                ops.append(abs2(f).astype(x.dtype))
+            elif cached:
+                ops.append(cache[i].astype(x.dtype))
+            else:
+                f = f.astype(x.dtype)
+                ops.extend([jnp.conj(f), f])
+        return jnp.einsum(_apply_einsum(self.dense, cached), *ops, x)
+
+    # -- public API --------------------------------------------------------------------
+
+    def apply(self, g: Shaped[Array, "..."]) -> Shaped[Array, "..."]:
+        if g.shape != self.shape:
+            raise ValueError(f"`KronQ.apply` expects shape {self.shape}; got {g.shape}.")
+        dtype = jnp.promote_types(self.factors[0].dtype, g.dtype)
+        x = g.reshape(self.axes_shape).astype(dtype)
+        return self._apply_p(self.factors, self.cache, x).reshape(self.shape).astype(g.dtype)
+
+    def update(
+        self,
+        v: Shaped[Array, "..."] | None,
+        h: Shaped[Array, "..."],
+        *,
+        lr: ArrayLike,
+        key: PRNGKeyArray,
+        normaliser: Normaliser = Normaliser(),
+        balance_probability: float = 0.01,
+    ) -> "KronQ":
+        spec = GeometrySpec(self.geometry)
+        if v is None and spec.needs_v:
+            raise ValueError(f"geometry {self.geometry!r} needs the probe `v` explicitly.")
+        if h.shape != self.shape or (v is not None and v.shape != self.shape):
+            raise ValueError(f"`KronQ.update` expects shape {self.shape}; got {h.shape}.")
+        store = self.factors[0].dtype
+        cd = compute_dtype(jnp.promote_types(store, h.dtype))
+        axes = self.axes_shape
+        numel = math.prod(axes)
+        key_bal, key_fac = jax.random.split(key)
+        qs = tuple(f.astype(cd) for f in self.factors)
+        if spec.balance_every_update:
+            qs = balance_factors(qs)
+        x = h.reshape(axes).astype(cd)
+        vv = None if v is None else v.reshape(axes).astype(cd)
+
+        stats = []
+        if spec.name == "EQ":
+            a = x
+            b = vv
+            for i, (q, d) in enumerate(zip(qs, self.dense)):
+                if d:
+                    a = _mode_product(q, a, i)
+                    bm = jnp.moveaxis(b, i, 0)
+                    sol = jsl.solve_triangular(
+                        q, bm.reshape(q.shape[0], -1), trans="C", lower=False
+                    )
+                    b = jnp.moveaxis(sol.reshape(bm.shape), 0, i)
+                else:
+                    a = _mode_scale(q, a, i)
+                    b = _mode_scale(1.0 / jnp.conj(q), b, i)
+            for i, d in enumerate(self.dense):
+                if d:
+                    stats.append((_contract(a, a, i), _contract(b, b, i)))
+                else:
+                    stats.append((_contract_diag(a, i), _contract_diag(b, i)))
+        else:
+            cache = None
+            if self.cache is not None and not spec.balance_every_update:
+                cache = tuple(None if c is None else c.astype(cd) for c in self.cache)
+            pg = self._apply_p(qs, cache, x)
+            for i, (q, d) in enumerate(zip(qs, self.dense)):
+                c = jnp.asarray(numel / axes[i], real_dtype(cd))
+                if spec.stats_carry_q:
+                    mode = _mode_product if d else _mode_scale
+                    y = mode(q, pg, i)
+                    if vv is None:
+                        t2 = c * (q @ jnp.conj(q).T) if d else c * abs2(q)
+                    else:
+                        yv = mode(q, vv, i)
+                        t2 = _contract(yv, yv, i) if d else _contract_diag(yv, i)
+                else:
+                    y = pg
+                    if vv is None:
+                        t2 = c
+                    else:
+                        t2 = _contract(vv, vv, i) if d else _contract_diag(vv, i)
+                t1 = _contract(y, y, i) if d else _contract_diag(y, i)
+                stats.append((t1, t2))
+
+        keys = jax.random.split(key_fac, len(qs))
+        new_qs, new_l = [], []
+        lr = jnp.asarray(lr, real_dtype(cd))
+        old_l = self.lipschitz.astype(real_dtype(cd))
+        for i, (q, d, (t1, t2)) in enumerate(zip(qs, self.dense, stats)):
+            k_ell, k_step = jax.random.split(keys[i])
+            if d:
+                ell = dense_lipschitz(t1, t2, k_ell, normaliser)
+            else:
+                ell = diag_lipschitz(t1, t2)
+            big_l = normaliser.lipschitz(old_l[i], ell)
+            eta = lr / jnp.maximum(big_l, jnp.finfo(real_dtype(cd)).tiny)
+            if d:
+                new_qs.append(dense_step(spec.name, q, t1, t2, eta, k_step, normaliser))
+            else:
+                new_qs.append(diag_step(spec.name, q, t1, t2, eta))
+            new_l.append(big_l)
+        new_qs = tuple(new_qs)
+        if not spec.balance_every_update:
+            new_qs = maybe_balance(new_qs, key_bal, balance_probability)
+        new_lip = jnp.stack(new_l)
+
+        # A step on a non-finite or overflowing statistic (1e30 gradients square to inf in
+        # f32) is skipped for this leaf rather than poisoning Q and L.
+        ok = all_finite(new_lip) & jnp.all(jnp.stack([all_finite(q) for q in new_qs]))
+        factors = tuple(
+            jnp.where(ok, nq.astype(store), old) for nq, old in zip(new_qs, self.factors)
+        )
+        lipschitz = jnp.where(ok, new_lip.astype(self.lipschitz.dtype), self.lipschitz)
+        out = KronQ(factors, lipschitz, None, self.shape, self.dense, self.geometry)
+        return out._with_cache(self.cache is not None)
+
+    def rescale(self, scale: ArrayLike) -> "KronQ":
+        per = jnp.asarray(scale, real_dtype(self.lipschitz.dtype)) ** (1.0 / len(self.factors))
+        factors = tuple(f * per.astype(f.dtype) for f in self.factors)
+        out = KronQ(factors, self.lipschitz, None, self.shape, self.dense, self.geometry)
+        return out._with_cache(self.cache is not None)
+
+    def as_matrix(self) -> Shaped[Array, "n n"]:
+        p = jnp.ones((1, 1), compute_dtype(self.factors[0].dtype))
+        for f, d in zip(self.factors, self.dense):
+            f = f.astype(p.dtype)
+            pi = jnp.conj(f.T) @ f if d else jnp.diag(abs2(f).astype(p.dtype))
+            p = jnp.kron(p, pi)
+        return p
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of preconditioner state (factors, Lipschitz estimates and cache)."""
+        leaves = jax.tree.leaves(self)
+        return int(sum(x.size * x.dtype.itemsize for x in leaves))

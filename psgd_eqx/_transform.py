@@ -1,0 +1,335 @@
+"""The optimizer around Q: `PSGDState` and the generic `scale_by_psgd` core.
+
+One step (all on device, no host sync):
+
+1. momentum (debiased EMA, or the reference's β_t = min(t/(t+1), β) warm-up);
+2. decide whether to refit (deterministic counter or Bernoulli draw of the schedule's
+   probability, or the caller's `update_preconditioner`), never on non-finite input;
+3. one `lax.cond` around *all* refits of the step (not one per leaf): each leaf draws its
+   damped probe (v, h) and takes one Lie-group step — before or after the apply;
+4. apply P to the momentum (or gradient), clip per tensor (RMS, then elements).
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, ArrayLike, Bool, Int, PRNGKeyArray, PyTree
+
+from ._norms import Normaliser
+from ._numerics import (
+    abs2,
+    compute_dtype,
+    init_scale_from_grads,
+    real_dtype,
+    safe_rms,
+    tree_all_finite,
+)
+from ._precond.base import AbstractPrecond
+from ._probe import damped_probe
+from ._schedules import as_schedule
+
+
+class PSGDState(eqx.Module):
+    """The state of a PSGD optimizer: an `eqx.Module`, so it serialises with
+    `eqx.tree_serialise_leaves` and holds no Python objects.
+
+    **Fields:**
+
+    - `count`: number of `update` calls so far (int32).
+    - `key`: the PRNG key for probes, norm bounds and the refit draw.
+    - `mu`: the momentum buffer (a pytree like the params), or `None` when `b1 = 0`.
+    - `precond`: a pytree with the params' structure whose leaves are the preconditioner
+        modules ([`psgd_eqx.KronQ`][], [`psgd_eqx.DiagQ`][], ...) or `None` (no
+        preconditioner for that leaf).
+    - `update_counter`: steps since the last refit (the deterministic schedule's counter).
+    - `refits`: number of refits done so far (int32), handy for logging.
+    """
+
+    count: Int[Array, ""]
+    key: PRNGKeyArray
+    mu: PyTree | None
+    precond: PyTree
+    update_counter: Int[Array, ""]
+    refits: Int[Array, ""]
+
+
+def _is_precond_leaf(x) -> bool:
+    return x is None or isinstance(x, AbstractPrecond)
+
+
+def _as_key(key) -> PRNGKeyArray:
+    if isinstance(key, int):
+        return jax.random.PRNGKey(key)
+    return key
+
+
+def _validate_number(name: str, value, lo: float, hi: float, lo_open=False, hi_open=False):
+    if callable(value) or value is None:
+        return
+    if not isinstance(value, (int, float)):
+        return  # traced / array values (inject_hyperparams) are not validated
+    bad = value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi)
+    if bad or value != value:
+        lb = "(" if lo_open else "["
+        rb = ")" if hi_open else "]"
+        raise ValueError(f"`{name}` must be in {lb}{lo}, {hi}{rb}; got {value!r}.")
+
+
+def _clip(u: Array, max_rms: float | None, max_element: float | None) -> Array:
+    if max_rms is not None:
+        rms = safe_rms(u)
+        factor = jnp.where(rms > max_rms, max_rms / jnp.where(rms > 0, rms, 1.0), 1.0)
+        u = u * factor.astype(u.dtype)
+    if max_element is not None:
+        if jnp.issubdtype(u.dtype, jnp.complexfloating):
+            mag = jnp.sqrt(abs2(u))
+            u = u / jnp.maximum(mag / max_element, 1.0).astype(u.dtype)
+        else:
+            u = jnp.clip(u, -max_element, max_element)
+    return u
+
+
+def scale_by_psgd(
+    structure: Callable[[Any, Array], AbstractPrecond | None],
+    *,
+    b1: float = 0.9,
+    momentum_warmup: bool = False,
+    whiten_grad: bool = True,
+    preconditioner_update_probability: float | Callable = 1.0,
+    bernoulli_refit: bool = False,
+    preconditioner_lr: float | Callable = 0.1,
+    preconditioner_init_scale: float | None = None,
+    damping: float = 1e-9,
+    lipschitz_beta: float = 0.9,
+    norm_bound: str = "subspace",
+    norm_bound_k: int = 32,
+    norm_bound_iters: int = 2,
+    balance_probability: float = 0.01,
+    update_preconditioner_first: bool = True,
+    grad_clip_max_amp: float | None = 2.0,
+    grad_clip_max_element: float | None = 10.0,
+    mu_dtype=None,
+    key: PRNGKeyArray | int = 42,
+) -> optax.GradientTransformationExtraArgs:
+    """The generic PSGD transformation: any preconditioner structure per leaf.
+
+    **Arguments:**
+
+    - `structure`: called once per parameter leaf as `structure(path, leaf)` at `init`;
+        returns the leaf's initial preconditioner (e.g. `KronQ.init(...)`) or `None` for
+        plain momentum (P = I) on that leaf.
+    - `b1`: momentum EMA factor (0 disables momentum; no buffer is kept).
+    - `momentum_warmup`: `False` (default): bias-corrected EMA m/(1 − b1ᵗ) as optax;
+        `True`: the reference's EMA with βₜ = min(t/(t+1), b1) and no correction.
+    - `whiten_grad`: fit P on the raw gradient (`True`, the reference's default: P·m then
+        shrinks as gradients vanish) or on the momentum (`False`: a scale-free, sign-like
+        update; divide lr by √((1+b1)/(1−b1)) when switching).
+    - `preconditioner_update_probability`: refit probability, a constant or a schedule of
+        the step count (see [`psgd_eqx.precond_update_prob_schedule`][]).
+    - `bernoulli_refit`: `False`: a deterministic counter refits every ⌈1/p⌉ steps (same
+        expected rate, no variance); `True`: an independent Bernoulli(p) draw per step.
+    - `preconditioner_lr`: μ, a constant or a schedule of the step count.
+    - `preconditioner_init_scale`: `None` = data-driven global scale from the first
+        gradient, (maxᵢ mean|gᵢ|⁴ + δ⁴)^(−1/8) (falls back to 1.0 for zero or non-finite
+        gradients); a number = that fixed scale.
+    - `damping`: δ of the damping noise (δ + eps·|x|)⊙v.
+    - `lipschitz_beta`: β_L of the Lipschitz EMA (0 = instantaneous normaliser).
+    - `norm_bound`, `norm_bound_k`, `norm_bound_iters`: the spectral-norm lower bound
+        (`"subspace"` with k rows and half-iterations, or `"one_step"`).
+    - `balance_probability`: probability per refit of rebalancing Kron factors.
+    - `update_preconditioner_first`: refit before applying P (the reference's default,
+        lower variance) or after (unbiased: the step uses a P independent of this g).
+    - `grad_clip_max_amp`: per-tensor RMS ceiling of the preconditioned update (`None`
+        disables).
+    - `grad_clip_max_element`: element-wise clip after the RMS clip (`None` disables).
+    - `mu_dtype`: storage dtype of the momentum (default: the gradient's dtype).
+    - `key`: a PRNG key or an int seed.
+
+    **Returns:** an `optax.GradientTransformationExtraArgs`. Its `update` accepts
+    `update(updates, state, params=None, *, Hvp=None, vector=None,
+    update_preconditioner=None, **extra_args)`: with `Hvp` and `vector` the fit is
+    Newton-type on the pair (vector, Hvp) instead of whitening; `update_preconditioner`
+    (a bool scalar) overrides the refit schedule.
+    """
+    _validate_number("b1", b1, 0.0, 1.0, hi_open=True)
+    _validate_number("preconditioner_lr", preconditioner_lr, 0.0, float("inf"), lo_open=True)
+    _validate_number(
+        "preconditioner_update_probability",
+        preconditioner_update_probability,
+        0.0,
+        1.0,
+        lo_open=True,
+    )
+    _validate_number("damping", damping, 0.0, float("inf"))
+    _validate_number("balance_probability", balance_probability, 0.0, 1.0)
+    if preconditioner_init_scale is not None:
+        _validate_number(
+            "preconditioner_init_scale",
+            preconditioner_init_scale,
+            0.0,
+            float("inf"),
+            lo_open=True,
+            hi_open=True,
+        )
+    if grad_clip_max_amp is not None:
+        _validate_number("grad_clip_max_amp", grad_clip_max_amp, 0.0, float("inf"), lo_open=True)
+    if grad_clip_max_element is not None:
+        _validate_number(
+            "grad_clip_max_element", grad_clip_max_element, 0.0, float("inf"), lo_open=True
+        )
+    if not whiten_grad and b1 == 0:
+        raise ValueError("`whiten_grad=False` (fit on the momentum) needs `b1 > 0`; got b1=0.")
+    if not isinstance(key, int) and not hasattr(key, "dtype"):
+        raise ValueError(f"`key` must be a PRNG key or an int seed; got {key!r}.")
+    normaliser = Normaliser(lipschitz_beta, norm_bound, norm_bound_k, norm_bound_iters)
+    prob_fn = as_schedule(preconditioner_update_probability, "preconditioner_update_probability")
+    plr_fn = as_schedule(preconditioner_lr, "preconditioner_lr")
+    data_driven_init = preconditioner_init_scale is None
+    base_key = _as_key(key)
+
+    def init_fn(params):
+        leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+        preconds = []
+        for path, p in leaves_with_path:
+            q = structure(path, p)
+            if q is not None and not data_driven_init:
+                q = q.rescale(preconditioner_init_scale)
+            preconds.append(q)
+        precond = jax.tree_util.tree_unflatten(treedef, preconds)
+        mu = None
+        if b1 > 0:
+            mu = jax.tree.map(lambda p: jnp.zeros(p.shape, mu_dtype or p.dtype), params)
+        zero = jnp.zeros([], jnp.int32)
+        return PSGDState(zero, base_key, mu, precond, zero, zero)
+
+    def update_fn(
+        updates,
+        state: PSGDState,
+        params=None,
+        *,
+        Hvp=None,
+        vector=None,
+        update_preconditioner: bool | Bool[ArrayLike, ""] | None = None,
+        **extra_args,
+    ):
+        del params, extra_args
+        if (Hvp is None) != (vector is None):
+            raise ValueError("`Hvp` and `vector` must be given together for Newton fitting.")
+        grads = updates
+        g_leaves, treedef = jax.tree.flatten(grads)
+        q_leaves = treedef.flatten_up_to(state.precond)
+        count = state.count
+        finite = tree_all_finite(grads)
+        key, k_refit, k_draw = jax.random.split(state.key, 3)
+
+        # 1. momentum (a non-finite gradient leaves the buffer untouched)
+        if b1 > 0:
+            mu_leaves = treedef.flatten_up_to(state.mu)
+            t = count.astype(jnp.float32)
+            if momentum_warmup:
+                beta = jnp.minimum(t / (t + 1.0), b1)
+                debias = jnp.ones([], jnp.float32)
+            else:
+                beta = jnp.asarray(b1, jnp.float32)
+                debias = 1.0 - jnp.asarray(b1, jnp.float32) ** (t + 1.0)
+            new_mu, m_hat = [], []
+            for m, g in zip(mu_leaves, g_leaves):
+                cd = compute_dtype(jnp.promote_types(m.dtype, g.dtype))
+                rd = real_dtype(cd)
+                nm = beta.astype(rd) * m.astype(cd) + (1.0 - beta).astype(rd) * g.astype(cd)
+                new_mu.append(jnp.where(finite, nm.astype(m.dtype), m))
+                m_hat.append((nm / debias.astype(rd)).astype(g.dtype))
+            mu = jax.tree.unflatten(treedef, new_mu)
+        else:
+            mu = None
+            m_hat = g_leaves
+
+        # 2. the refit decision
+        newton = Hvp is not None
+        if newton:
+            fit_leaves = treedef.flatten_up_to(Hvp)
+            v_leaves = treedef.flatten_up_to(vector)
+            fit_ok = finite & tree_all_finite(Hvp) & tree_all_finite(vector)
+        else:
+            fit_leaves = g_leaves if whiten_grad else m_hat
+            v_leaves = [None] * len(g_leaves)
+            fit_ok = finite
+        counter = state.update_counter + 1
+        if update_preconditioner is not None:
+            want = jnp.asarray(update_preconditioner, bool)
+        else:
+            prob = prob_fn(count)
+            if bernoulli_refit:
+                want = jax.random.uniform(k_draw) < prob
+            else:
+                want = counter.astype(jnp.float32) >= 1.0 / prob
+            want = want | (count == 0)
+        do_refit = want & fit_ok
+        update_counter = jnp.where(do_refit, jnp.zeros_like(counter), counter)
+
+        # data-driven init: Q = scale·I from the first gradient, inside jit
+        if data_driven_init:
+            source = fit_leaves if newton else g_leaves
+
+            def _rescale(qs):
+                scale = init_scale_from_grads(source, damping)
+                return [None if q is None else q.rescale(scale) for q in qs]
+
+            q_leaves = jax.lax.cond(count == 0, _rescale, lambda qs: list(qs), list(q_leaves))
+
+        plr = plr_fn(count)
+
+        def refit(qs):
+            keys = jax.random.split(k_refit, max(len(qs), 1))
+            out = []
+            for i, (q, x, v) in enumerate(zip(qs, fit_leaves, v_leaves)):
+                if q is None:
+                    out.append(None)
+                    continue
+                k_probe, k_step = jax.random.split(keys[i])
+                vv, hh = damped_probe(k_probe, x, damping, v)
+                pass_v = vv if (newton or q.needs_v) else None
+                out.append(
+                    q.update(
+                        pass_v,
+                        hh,
+                        lr=plr,
+                        key=k_step,
+                        normaliser=normaliser,
+                        balance_probability=balance_probability,
+                    )
+                )
+            return out
+
+        def maybe_refit(qs):
+            return jax.lax.cond(do_refit, refit, lambda qs: list(qs), list(qs))
+
+        def precondition(qs):
+            out = []
+            for q, m in zip(qs, m_hat):
+                u = m if q is None else q.apply(m)
+                out.append(_clip(u, grad_clip_max_amp, grad_clip_max_element))
+            return out
+
+        if update_preconditioner_first:
+            q_leaves = maybe_refit(q_leaves)
+            out = precondition(q_leaves)
+        else:
+            out = precondition(q_leaves)
+            q_leaves = maybe_refit(q_leaves)
+
+        new_state = PSGDState(
+            count=optax.safe_increment(count),
+            key=key,
+            mu=mu,
+            precond=jax.tree.unflatten(treedef, q_leaves),
+            update_counter=update_counter,
+            refits=state.refits + do_refit.astype(jnp.int32),
+        )
+        return jax.tree.unflatten(treedef, out), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
