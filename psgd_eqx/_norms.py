@@ -30,13 +30,13 @@ def _aligned_start(a: Array, key: PRNGKeyArray, k: int) -> Array:
     j = jnp.argmax(_row_norms(a))
     aj = a[j]
     v = jax.random.normal(key, (k, a.shape[1]), a.dtype)
-    dots = jnp.sum(aj * jnp.conj(v), axis=1, keepdims=True)
+    dots = jnp.sum(aj[None, :] * jnp.conj(v), axis=1, keepdims=True)
     if jnp.issubdtype(a.dtype, jnp.complexfloating):
         mag = jnp.abs(dots)
         sign = jnp.where(mag > 0, dots / jnp.where(mag > 0, mag, 1.0), 1.0)
     else:
         sign = jnp.sign(dots)
-    return aj + sign * v
+    return aj[None, :] + sign * v
 
 
 def _subspace_bound(a: Array, key: PRNGKeyArray, k: int, half_iters: int) -> Array:

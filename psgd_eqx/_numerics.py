@@ -6,10 +6,11 @@ Everything here is dtype-explicit because the package runs under
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 from jaxtyping import Array, ArrayLike, Bool, Float, PyTree
 
 
-def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
+def compute_dtype(dtype: DTypeLike) -> jnp.dtype:
     """The dtype the fit is computed in: at least single precision, complex kept complex.
 
     f64/c128 stay as they are (the user asked for them through their params); everything
@@ -21,12 +22,12 @@ def compute_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def real_dtype(dtype: jnp.dtype) -> jnp.dtype:
+def real_dtype(dtype: DTypeLike) -> jnp.dtype:
     """The real dtype matching `dtype` (f32 for c64, f64 for c128)."""
-    return jnp.zeros((), dtype).real.dtype
+    return jnp.finfo(dtype).dtype
 
 
-def is_complex(dtype: jnp.dtype) -> bool:
+def is_complex(dtype: DTypeLike) -> bool:
     return bool(jnp.issubdtype(jnp.dtype(dtype), jnp.complexfloating))
 
 

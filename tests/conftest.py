@@ -1,5 +1,15 @@
 import jax
+import jaxtyping
 import pytest
+
+
+# The `--jaxtyping-packages` option in pyproject.toml instruments `psgd_eqx`. The pytest
+# plugin of jaxtyping 0.3.x mis-splits a list of several packages followed by a typechecker
+# with arguments, so the kernels package is hooked here, before any test imports it.
+jaxtyping.install_import_hook(
+    "psgd_eqx_kernels",
+    "beartype.beartype(conf=beartype.BeartypeConf(strategy=beartype.BeartypeStrategy.On))",
+)
 
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")

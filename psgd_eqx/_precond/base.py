@@ -34,7 +34,7 @@ class AbstractPrecond(eqx.Module):
         *,
         lr: ArrayLike,
         key: PRNGKeyArray,
-        normaliser: Normaliser = Normaliser(),
+        normaliser: Normaliser | None = None,
         balance_probability: float = 0.01,
     ) -> "AbstractPrecond":
         """One fitting step of Q on the pair (v, h).
@@ -46,7 +46,7 @@ class AbstractPrecond(eqx.Module):
         - `h`: the damped gradient/momentum (whitening) or Hessian-vector product (Newton).
         - `lr`: the preconditioner learning rate μ (normalised: μ ≤ 1 is safe).
         - `key`: randomness for norm bounds and factor balancing.
-        - `normaliser`: the step-size normaliser (Lipschitz EMA and norm bound).
+        - `normaliser`: the step-size normaliser (Lipschitz EMA and norm bound); `None` = `Normaliser()`.
         - `balance_probability`: probability of rebalancing the factors' dynamic ranges.
 
         **Returns:** the updated preconditioner (same structure, dtypes and static config).

@@ -70,10 +70,11 @@ class DiagQ(AbstractPrecond):
         *,
         lr: ArrayLike,
         key: PRNGKeyArray,
-        normaliser: Normaliser = Normaliser(),
+        normaliser: Normaliser | None = None,
         balance_probability: float = 0.01,
     ) -> "DiagQ":
         del key, balance_probability  # a single diagonal has nothing random to do
+        normaliser = Normaliser() if normaliser is None else normaliser
         spec = GeometrySpec(self.geometry)
         if v is None and spec.needs_v:
             raise ValueError(f"geometry {self.geometry!r} needs the probe `v` explicitly.")

@@ -213,9 +213,10 @@ class KronQ(AbstractPrecond):
         *,
         lr: ArrayLike,
         key: PRNGKeyArray,
-        normaliser: Normaliser = Normaliser(),
+        normaliser: Normaliser | None = None,
         balance_probability: float = 0.01,
     ) -> "KronQ":
+        normaliser = Normaliser() if normaliser is None else normaliser
         spec = GeometrySpec(self.geometry)
         if v is None and spec.needs_v:
             raise ValueError(f"geometry {self.geometry!r} needs the probe `v` explicitly.")
