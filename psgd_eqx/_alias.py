@@ -8,7 +8,7 @@ import optax
 from jaxtyping import PRNGKeyArray
 
 from ._geometry import canonical_geometry
-from ._numerics import compute_dtype
+from ._numerics import compute_dtype, promote
 from ._plan import dense_axes, validate_structure_rules
 from ._precond.kron import KronQ
 from ._transform import scale_by_psgd
@@ -100,7 +100,7 @@ def scale_by_kron(
         if precond_dtype is not None:
             dtype = precond_dtype
             if jnp.issubdtype(p.dtype, jnp.complexfloating):
-                dtype = jnp.promote_types(dtype, jnp.complex64)
+                dtype = promote(dtype, jnp.complex64)
         return KronQ.init(
             p.shape,
             dtype,

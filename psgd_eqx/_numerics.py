@@ -10,6 +10,18 @@ from jax.typing import DTypeLike
 from jaxtyping import Array, ArrayLike, Bool, Float, PyTree
 
 
+def promote(*dtypes: DTypeLike) -> jnp.dtype:
+    """Standard JAX type promotion of dtypes, also under the strict promotion mode.
+
+    Used only to *choose* a dtype; every array is then cast explicitly.
+    """
+    with jax.numpy_dtype_promotion("standard"):
+        out = jnp.dtype(dtypes[0])
+        for d in dtypes[1:]:
+            out = jnp.promote_types(out, d)
+    return out
+
+
 def compute_dtype(dtype: DTypeLike) -> jnp.dtype:
     """The dtype the fit is computed in: at least single precision, complex kept complex.
 
@@ -18,8 +30,8 @@ def compute_dtype(dtype: DTypeLike) -> jnp.dtype:
     """
     dtype = jnp.dtype(dtype)
     if jnp.issubdtype(dtype, jnp.complexfloating):
-        return jnp.promote_types(dtype, jnp.complex64)
-    return jnp.promote_types(dtype, jnp.float32)
+        return promote(dtype, jnp.complex64)
+    return promote(dtype, jnp.float32)
 
 
 def real_dtype(dtype: DTypeLike) -> jnp.dtype:

@@ -24,6 +24,7 @@ from ._numerics import (
     abs2,
     compute_dtype,
     init_scale_from_grads,
+    promote,
     real_dtype,
     safe_rms,
     tree_all_finite,
@@ -238,7 +239,7 @@ def scale_by_psgd(
                 debias = 1.0 - jnp.asarray(b1, jnp.float32) ** (t + 1.0)
             new_mu, m_hat = [], []
             for m, g in zip(mu_leaves, g_leaves):
-                cd = compute_dtype(jnp.promote_types(m.dtype, g.dtype))
+                cd = compute_dtype(promote(m.dtype, g.dtype))
                 rd = real_dtype(cd)
                 nm = beta.astype(rd) * m.astype(cd) + (1.0 - beta).astype(rd) * g.astype(cd)
                 new_mu.append(jnp.where(finite, nm.astype(m.dtype), m))

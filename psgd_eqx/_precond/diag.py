@@ -5,7 +5,7 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
 from .._geometry import canonical_geometry, diag_lipschitz, diag_step, GeometrySpec
 from .._norms import Normaliser
-from .._numerics import abs2, all_finite, compute_dtype, real_dtype
+from .._numerics import abs2, all_finite, compute_dtype, promote, real_dtype
 from .base import AbstractPrecond
 
 
@@ -60,7 +60,7 @@ class DiagQ(AbstractPrecond):
     def apply(self, g: Shaped[Array, "..."]) -> Shaped[Array, "..."]:
         if g.shape != self.d.shape:
             raise ValueError(f"`DiagQ.apply` expects shape {self.d.shape}; got {g.shape}.")
-        dtype = jnp.promote_types(self.d.dtype, g.dtype)
+        dtype = promote(self.d.dtype, g.dtype)
         return (abs2(self.d).astype(dtype) * g.astype(dtype)).astype(g.dtype)
 
     def update(
@@ -78,7 +78,7 @@ class DiagQ(AbstractPrecond):
         spec = GeometrySpec(self.geometry)
         if v is None and spec.needs_v:
             raise ValueError(f"geometry {self.geometry!r} needs the probe `v` explicitly.")
-        cd = compute_dtype(jnp.promote_types(self.d.dtype, h.dtype))
+        cd = compute_dtype(promote(self.d.dtype, h.dtype))
         q = self.d.astype(cd)
         x = h.astype(cd)
         vv = None if v is None else v.astype(cd)

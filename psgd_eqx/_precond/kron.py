@@ -18,7 +18,7 @@ from .._geometry import (
     maybe_balance,
 )
 from .._norms import Normaliser
-from .._numerics import abs2, all_finite, compute_dtype, real_dtype
+from .._numerics import abs2, all_finite, compute_dtype, promote, real_dtype
 from .base import AbstractPrecond
 
 
@@ -202,7 +202,7 @@ class KronQ(AbstractPrecond):
     def apply(self, g: Shaped[Array, "..."]) -> Shaped[Array, "..."]:
         if g.shape != self.shape:
             raise ValueError(f"`KronQ.apply` expects shape {self.shape}; got {g.shape}.")
-        dtype = jnp.promote_types(self.factors[0].dtype, g.dtype)
+        dtype = promote(self.factors[0].dtype, g.dtype)
         x = g.reshape(self.axes_shape).astype(dtype)
         return self._apply_p(self.factors, self.cache, x).reshape(self.shape).astype(g.dtype)
 
@@ -223,7 +223,7 @@ class KronQ(AbstractPrecond):
         if h.shape != self.shape or (v is not None and v.shape != self.shape):
             raise ValueError(f"`KronQ.update` expects shape {self.shape}; got {h.shape}.")
         store = self.factors[0].dtype
-        cd = compute_dtype(jnp.promote_types(store, h.dtype))
+        cd = compute_dtype(promote(store, h.dtype))
         axes = self.axes_shape
         numel = math.prod(axes)
         key_bal, key_fac = jax.random.split(key)

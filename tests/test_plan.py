@@ -1,0 +1,79 @@
+"""Structure rules: the documented factor kinds for a table of shapes."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import psgd_eqx as pe
+
+
+INF = float("inf")
+
+# (shape, rules, expected factor kinds on the squeezed shape)
+TABLE = [
+    ((), {}, ("diag",)),
+    ((1,), {}, ("diag",)),
+    ((1, 1), {}, ("diag",)),
+    ((7,), {}, ("diag",)),  # 1 axis < min_ndim_triangular = 2
+    ((7,), {"min_ndim_triangular": 1}, ("dense",)),
+    ((1, 64), {}, ("diag",)),  # squeezed to a vector
+    ((64, 32), {}, ("dense", "dense")),
+    ((64, 1, 32), {}, ("dense", "dense")),
+    ((64, 32), {"max_skew_triangular": 1.0}, ("diag", "dense")),  # 64² > 2048
+    ((32, 32), {"max_skew_triangular": 1.0}, ("dense", "dense")),
+    ((10000, 64), {}, ("diag", "dense")),  # 10000 > max_size_triangular 8192
+    ((100, 64), {"max_size_triangular": 80}, ("diag", "dense")),
+    ((64, 32), {"memory_save_mode": "one_diag"}, ("diag", "dense")),
+    ((32, 32), {"memory_save_mode": "one_diag"}, ("diag", "dense")),
+    ((32, 32), {"memory_save_mode": "smart_one_diag"}, ("dense", "dense")),
+    ((64, 32), {"memory_save_mode": "smart_one_diag"}, ("diag", "dense")),
+    ((8, 16, 4), {"memory_save_mode": "one_triu"}, ("diag", "diag", "dense")),
+    ((8, 16, 4), {"memory_save_mode": "all_diag"}, ("diag", "diag", "diag")),
+    ((8, 16, 4), {}, ("dense", "dense", "dense")),
+    ((3, 4, 5, 6), {"max_skew_triangular": 1.0}, ("dense", "dense", "dense", "dense")),
+]
+
+
+@pytest.mark.parametrize("shape,rules,kinds", TABLE)
+def test_factor_kinds_table(shape, rules, kinds):
+    plan = pe.kron_plan({"p": jax.ShapeDtypeStruct(shape, jnp.float32)}, **rules)["p"]
+    assert plan.factor_kinds == kinds
+    # the preconditioner the optimizer builds follows the plan
+    opt = pe.scale_by_kron(**rules)
+    state = opt.init({"p": jnp.zeros(shape)})
+    q = state.precond["p"]
+    assert tuple("dense" if d else "diag" for d in q.dense) == kinds
+    assert q.state_bytes == plan.state_bytes
+
+
+def test_eq_factors_are_triangular_and_bytes():
+    plan = pe.kron_plan(jnp.zeros((64, 32)), geometry="EQ")
+    assert plan.factor_kinds == ("triangular", "triangular")
+    assert plan.state_bytes == (64 * 64 + 32 * 32) * 4 + 2 * 4
+    cached = pe.kron_plan(jnp.zeros((64, 32)), cache_preconditioner=True)
+    assert cached.state_bytes == 2 * (64 * 64 + 32 * 32) * 4 + 2 * 4
+    half = pe.kron_plan(jnp.zeros((64, 32)), precond_dtype=jnp.bfloat16)
+    assert half.state_bytes == (64 * 64 + 32 * 32) * 2 + 2 * 4
+    assert "dense(64)" in str(plan).replace("triangular", "dense")
+
+
+def test_plan_over_a_tree_prints_nothing(capsys):
+    params = {"emb": jnp.zeros((50, 8)), "layers": [{"w": jnp.zeros((8, 8)), "b": jnp.zeros(8)}]}
+    plans = pe.kron_plan(params)
+    assert jax.tree.structure(plans) == jax.tree.structure(params)
+    pe.kron(1e-3).init(params)
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"max_size_triangular": -1}, "max_size_triangular"),
+        ({"min_ndim_triangular": -1}, "min_ndim_triangular"),
+        ({"max_skew_triangular": -2}, "max_skew_triangular"),
+        ({"memory_save_mode": "half_diag"}, "memory_save_mode"),
+    ],
+)
+def test_bad_rules_raise(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        pe.kron_plan(jnp.zeros((4, 4)), **kwargs)
