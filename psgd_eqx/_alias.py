@@ -147,8 +147,9 @@ def kron(
 
     `optax.chain(scale_by_kron(...), add_decayed_weights(weight_decay, weight_decay_mask),
     scale_by_learning_rate(learning_rate))`, i.e. θ ← θ − lr·(clip(P·m) + wd·θ), weight
-    decay coupled to the lr as in `optax.adamw`. See the "Learning rates" guide for porting
-    lr/wd from Adam and from the other PSGD implementations.
+    decay coupled to the lr as in `optax.adamw`. See
+    [Learning rates and weight decay](../guides/learning_rates.md) for porting lr/wd from
+    Adam and from the other PSGD implementations.
 
     **Arguments:**
 

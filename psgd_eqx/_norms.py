@@ -117,7 +117,15 @@ class Normaliser(eqx.Module):
         return jnp.where(scale > 0, scale * lb, jnp.zeros_like(scale))
 
     def lipschitz(self, old: Float[Array, ""], ell: Float[Array, ""]) -> Float[Array, ""]:
-        """The new Lipschitz estimate `max(β L + (1 − β) ℓ, ℓ)` (just `ℓ` when β = 0)."""
+        """The new Lipschitz estimate `max(β L + (1 − β) ℓ, ℓ)` (just `ℓ` when β = 0).
+
+        **Arguments:**
+
+        - `old`: the previous estimate L (f32 scalar).
+        - `ell`: this step's norm bound ℓ.
+
+        **Returns:** the new L, in the dtype of `old`.
+        """
         ell = ell.astype(old.dtype)
         if self.beta == 0.0:
             return ell

@@ -81,7 +81,7 @@ def init_scale_from_grads(
     scale = (max_i mean|g_i|⁴ + δ⁴)^(−1/8), so that Q = scale·I gives P = scale²·I ≈
     E[ggᴴ]^(−1/2) in magnitude. Computed in the log domain with the max-abs factored out:
     1e30 gradients would overflow |g|⁴ in f32. Falls back to 1.0 when every gradient is
-    zero or anything is non-finite (anchors §3 item 9: NaN after the first step).
+    zero or anything is non-finite (a zero first gradient must not give NaNs).
     """
     leaves = [g for g in jax.tree.leaves(grads) if g.size > 0]
     if not leaves:

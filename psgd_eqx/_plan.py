@@ -60,11 +60,20 @@ def dense_axes(
     max_skew_triangular: float = float("inf"),
     memory_save_mode: str | None = None,
 ) -> tuple[bool, ...]:
-    """Per squeezed axis of `shape`: does it get a dense (True) or diagonal factor?
+    """Per axis of `shape` (size-1 axes squeezed): dense (True) or diagonal factor?
 
-    **Arguments:** the structure rules described in this module's docstring.
+    **Arguments:**
 
-    **Returns:** one flag per axis of `squeezed_shape(shape)`.
+    - `shape`: the parameter's shape; size-1 axes are dropped first, and a scalar counts as
+        one axis of length 1.
+    - `max_size_triangular`: axes longer than this are diagonal.
+    - `min_ndim_triangular`: tensors with fewer (squeezed) axes are all diagonal.
+    - `max_skew_triangular`: axis i is diagonal when nᵢ² > max_skew · N (N = numel).
+    - `memory_save_mode`: `None`, `"one_diag"` (largest axis diagonal),
+        `"smart_one_diag"` (largest axis diagonal only if strictly larger than the
+        second), `"one_triu"` (only the smallest axis may be dense), `"all_diag"`.
+
+    **Returns:** one flag per squeezed axis.
     """
     validate_structure_rules(
         max_size_triangular, min_ndim_triangular, max_skew_triangular, memory_save_mode

@@ -21,7 +21,7 @@ def damped_probe(
     """Return `(v, h)` with `h = x + (δ + eps·|x|) ⊙ v`, in single precision or wider.
 
     The noise is computed in f32 whatever the dtype of `x` (bf16's eps = 7.8e-3 would swamp
-    the signal; anchors.md §4, NVIDIA PR #60), and `eps` is the f32 machine epsilon.
+    the signal), and `eps` is the f32 machine epsilon.
 
     **Arguments:**
 

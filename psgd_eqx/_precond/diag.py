@@ -58,6 +58,14 @@ class DiagQ(AbstractPrecond):
         return GeometrySpec(self.geometry).needs_v
 
     def apply(self, g: Shaped[Array, "..."]) -> Shaped[Array, "..."]:
+        """P·g = |d|²⊙g.
+
+        **Arguments:**
+
+        - `g`: an array of the parameter's shape.
+
+        **Returns:** P·g with the shape and dtype of `g`.
+        """
         if g.shape != self.d.shape:
             raise ValueError(f"`DiagQ.apply` expects shape {self.d.shape}; got {g.shape}.")
         dtype = promote(self.d.dtype, g.dtype)
@@ -73,6 +81,13 @@ class DiagQ(AbstractPrecond):
         normaliser: Normaliser | None = None,
         balance_probability: float = 0.01,
     ) -> "DiagQ":
+        """One fitting step of d on the pair (v, h) with the shared diagonal geometry rule.
+
+        **Arguments:** as [`psgd_eqx.KronQ.update`][] (`key` and `balance_probability` are
+        unused).
+
+        **Returns:** the updated `DiagQ` (unchanged if the step would be non-finite).
+        """
         del key, balance_probability  # a single diagonal has nothing random to do
         normaliser = Normaliser() if normaliser is None else normaliser
         spec = GeometrySpec(self.geometry)
@@ -102,10 +117,22 @@ class DiagQ(AbstractPrecond):
         return DiagQ(d, lip, self.geometry)
 
     def rescale(self, scale: ArrayLike) -> "DiagQ":
+        """d ← scale·d.
+
+        **Arguments:**
+
+        - `scale`: a positive scalar.
+
+        **Returns:** the rescaled `DiagQ`.
+        """
         s = jnp.asarray(scale, real_dtype(self.lipschitz.dtype)).astype(self.d.dtype)
         return DiagQ(self.d * s, self.lipschitz, self.geometry)
 
     def as_matrix(self) -> Shaped[Array, "n n"]:
+        """P = diag(|d|²) over the flattened parameter.
+
+        **Returns:** an `(N, N)` array.
+        """
         return jnp.diag(abs2(self.d.astype(compute_dtype(self.d.dtype))).reshape(-1))
 
     @property

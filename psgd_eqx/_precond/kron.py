@@ -200,6 +200,15 @@ class KronQ(AbstractPrecond):
     # -- public API --------------------------------------------------------------------
 
     def apply(self, g: Shaped[Array, "..."]) -> Shaped[Array, "..."]:
+        """P·g with P = QᴴQ, as one einsum over all factors (Pᵢ from the cache if kept).
+
+        **Arguments:**
+
+        - `g`: an array of the parameter's shape `self.shape`.
+
+        **Returns:** P·g with the shape and dtype of `g` (computed in the wider of the
+        factor and gradient dtypes).
+        """
         if g.shape != self.shape:
             raise ValueError(f"`KronQ.apply` expects shape {self.shape}; got {g.shape}.")
         dtype = promote(self.factors[0].dtype, g.dtype)
@@ -216,6 +225,25 @@ class KronQ(AbstractPrecond):
         normaliser: Normaliser | None = None,
         balance_probability: float = 0.01,
     ) -> "KronQ":
+        """One Lie-group fitting step of every factor on the pair (v, h).
+
+        Per factor i the statistics (T₁, T₂) are formed by contracting all other axes (see
+        the geometry table in the docs), normalised by the Lipschitz
+        estimate Lᵢ, and the factor moves by its geometry's rule. A step whose result is
+        non-finite (e.g. statistics overflowing on 1e30 gradients) is skipped: the old
+        factors and L are kept.
+
+        **Arguments:**
+
+        - `v`: the probe, or `None` for whitening with v integrated out (not for `EQ`).
+        - `h`: the damped gradient/momentum or Hessian-vector product, shape `self.shape`.
+        - `lr`: the preconditioner learning rate μ.
+        - `key`: randomness for norm bounds and balancing.
+        - `normaliser`: step-size normaliser; `None` = `Normaliser()`.
+        - `balance_probability`: probability of rebalancing the factors this step.
+
+        **Returns:** the updated `KronQ`.
+        """
         normaliser = Normaliser() if normaliser is None else normaliser
         spec = GeometrySpec(self.geometry)
         if v is None and spec.needs_v:
@@ -310,12 +338,24 @@ class KronQ(AbstractPrecond):
         return out._with_cache(self.cache is not None)
 
     def rescale(self, scale: ArrayLike) -> "KronQ":
+        """Q ← scale·Q, spread evenly over the factors (scale^(1/k) each).
+
+        **Arguments:**
+
+        - `scale`: a positive scalar.
+
+        **Returns:** the rescaled `KronQ`.
+        """
         per = jnp.asarray(scale, real_dtype(self.lipschitz.dtype)) ** (1.0 / len(self.factors))
         factors = tuple(f * per.astype(f.dtype) for f in self.factors)
         out = KronQ(factors, self.lipschitz, None, self.shape, self.dense, self.geometry)
         return out._with_cache(self.cache is not None)
 
     def as_matrix(self) -> Shaped[Array, "n n"]:
+        """P = P₁ ⊗ … ⊗ P_k as a dense matrix over the row-major flattened parameter.
+
+        **Returns:** an `(N, N)` array (tests and small problems only).
+        """
         p = jnp.ones((1, 1), compute_dtype(self.factors[0].dtype))
         for f, d in zip(self.factors, self.dense):
             f = f.astype(p.dtype)
