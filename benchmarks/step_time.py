@@ -506,7 +506,14 @@ def main(argv=None):
     ap.add_argument("--direct-b-steps", type=int, default=68)
     ap.add_argument("--quick", action="store_true", help="smoke run: few reps and steps")
     ap.add_argument("--json", type=str, default=None, help="write raw timings here")
+    ap.add_argument(
+        "--compile-cache", type=str, default=os.path.join(os.path.dirname(__file__), "out", "jax_cache"),
+        help="JAX persistent compilation cache directory ('' disables); compiles take minutes on CPU",
+    )
     args = ap.parse_args(argv)
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     if args.quick:
         args.reps, args.steps, args.sparse_steps = 2, 2, 34
         args.reps_b, args.block_b, args.warmup_b, args.direct_b_steps = 2, 2, 1, 34
