@@ -5,7 +5,7 @@ from typing import Any
 
 import jax.numpy as jnp
 import optax
-from jaxtyping import PRNGKeyArray
+from jaxtyping import ArrayLike, PRNGKeyArray
 
 from ._geometry import canonical_geometry
 from ._numerics import compute_dtype, promote
@@ -32,22 +32,32 @@ def _fit_target(whiten_grad: bool | None, momentum_into_precond_update: bool | N
 
 def scale_by_kron(
     *,
-    b1: float = 0.9,
-    preconditioner_update_probability: float | Callable = 1.0,
-    max_size_triangular: float = 8192,
-    min_ndim_triangular: int = 2,
-    max_skew_triangular: float = float("inf"),
+    b1: ArrayLike = 0.9,
+    preconditioner_update_probability: ArrayLike | Callable = 1.0,
+    max_size_triangular: ArrayLike = 8192,
+    min_ndim_triangular: ArrayLike = 2,
+    max_skew_triangular: ArrayLike = float("inf"),
     memory_save_mode: str | None = None,
-    preconditioner_lr: float | Callable = 0.1,
-    preconditioner_init_scale: float | None = None,
+    preconditioner_lr: ArrayLike | Callable = 0.1,
+    preconditioner_init_scale: ArrayLike | None = None,
     geometry: str = "PRO",
     mu_dtype=None,
     precond_dtype=None,
     whiten_grad: bool | None = None,
     momentum_into_precond_update: bool | None = None,
     cache_preconditioner: bool = False,
-    key: PRNGKeyArray | int = 42,
-    **kwargs: Any,
+    key: PRNGKeyArray | ArrayLike = 42,
+    momentum_warmup: bool = False,
+    bernoulli_refit: bool = False,
+    damping: ArrayLike = 1e-9,
+    lipschitz_beta: ArrayLike = 0.9,
+    norm_bound: str = "subspace",
+    norm_bound_k: ArrayLike = 32,
+    norm_bound_iters: ArrayLike = 2,
+    balance_probability: ArrayLike = 0.01,
+    update_preconditioner_first: bool = True,
+    grad_clip_max_amp: ArrayLike | None = 2.0,
+    grad_clip_max_element: ArrayLike | None = 10.0,
 ) -> optax.GradientTransformationExtraArgs:
     """Kronecker-factored PSGD (no learning rate, no weight decay): P·m, clipped.
 
@@ -72,10 +82,10 @@ def scale_by_kron(
     - `cache_preconditioner`: store Pᵢ = QᵢᴴQᵢ of dense factors (recomputed at each refit):
         one product per axis per step instead of two, for twice the factor memory.
     - `key`: PRNG key or int seed.
-    - `**kwargs`: the remaining options of [`psgd_eqx.scale_by_psgd`][]
-        (`momentum_warmup`, `bernoulli_refit`, `damping`, `lipschitz_beta`, `norm_bound`,
+    - `momentum_warmup`, `bernoulli_refit`, `damping`, `lipschitz_beta`, `norm_bound`,
         `norm_bound_k`, `norm_bound_iters`, `balance_probability`,
-        `update_preconditioner_first`, `grad_clip_max_amp`, `grad_clip_max_element`).
+        `update_preconditioner_first`, `grad_clip_max_amp`, `grad_clip_max_element`: see
+        [`psgd_eqx.scale_by_psgd`][].
 
     **Returns:** an `optax.GradientTransformationExtraArgs` whose state contains one
     [`psgd_eqx.PSGDState`][].
@@ -118,30 +128,50 @@ def scale_by_kron(
         preconditioner_init_scale=preconditioner_init_scale,
         mu_dtype=mu_dtype,
         key=key,
-        **kwargs,
+        momentum_warmup=momentum_warmup,
+        bernoulli_refit=bernoulli_refit,
+        damping=damping,
+        lipschitz_beta=lipschitz_beta,
+        norm_bound=norm_bound,
+        norm_bound_k=norm_bound_k,
+        norm_bound_iters=norm_bound_iters,
+        balance_probability=balance_probability,
+        update_preconditioner_first=update_preconditioner_first,
+        grad_clip_max_amp=grad_clip_max_amp,
+        grad_clip_max_element=grad_clip_max_element,
     )
 
 
 def kron(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
-    b1: float = 0.9,
-    weight_decay: float = 0.0,
+    b1: ArrayLike = 0.9,
+    weight_decay: ArrayLike = 0.0,
     weight_decay_mask: Any = None,
-    preconditioner_update_probability: float | Callable = 1.0,
-    max_size_triangular: float = 8192,
-    min_ndim_triangular: int = 2,
-    max_skew_triangular: float = float("inf"),
+    preconditioner_update_probability: ArrayLike | Callable = 1.0,
+    max_size_triangular: ArrayLike = 8192,
+    min_ndim_triangular: ArrayLike = 2,
+    max_skew_triangular: ArrayLike = float("inf"),
     memory_save_mode: str | None = None,
-    preconditioner_lr: float | Callable = 0.1,
-    preconditioner_init_scale: float | None = None,
+    preconditioner_lr: ArrayLike | Callable = 0.1,
+    preconditioner_init_scale: ArrayLike | None = None,
     geometry: str = "PRO",
     mu_dtype=None,
     precond_dtype=None,
     whiten_grad: bool | None = None,
     momentum_into_precond_update: bool | None = None,
     cache_preconditioner: bool = False,
-    key: PRNGKeyArray | int = 42,
-    **kwargs: Any,
+    key: PRNGKeyArray | ArrayLike = 42,
+    momentum_warmup: bool = False,
+    bernoulli_refit: bool = False,
+    damping: ArrayLike = 1e-9,
+    lipschitz_beta: ArrayLike = 0.9,
+    norm_bound: str = "subspace",
+    norm_bound_k: ArrayLike = 32,
+    norm_bound_iters: ArrayLike = 2,
+    balance_probability: ArrayLike = 0.01,
+    update_preconditioner_first: bool = True,
+    grad_clip_max_amp: ArrayLike | None = 2.0,
+    grad_clip_max_element: ArrayLike | None = 10.0,
 ) -> optax.GradientTransformationExtraArgs:
     """PSGD with Kronecker-factored preconditioners: the drop-in optax optimizer.
 
@@ -171,9 +201,13 @@ def kron(
         params = optax.apply_updates(params, updates)
         ```
     """
-    if isinstance(weight_decay, (int, float)) and not weight_decay >= 0:
+    from ._transform import concrete
+
+    if concrete(weight_decay) is not None and not concrete(weight_decay) >= 0:
         raise ValueError(f"`weight_decay` must be >= 0; got {weight_decay!r}.")
-    if isinstance(learning_rate, (int, float)) and not learning_rate >= 0:
+    if not callable(learning_rate) and concrete(learning_rate) is not None and not (
+        concrete(learning_rate) >= 0
+    ):
         raise ValueError(f"`learning_rate` must be >= 0; got {learning_rate!r}.")
     parts = [
         scale_by_kron(
@@ -192,9 +226,21 @@ def kron(
             momentum_into_precond_update=momentum_into_precond_update,
             cache_preconditioner=cache_preconditioner,
             key=key,
-            **kwargs,
+            momentum_warmup=momentum_warmup,
+            bernoulli_refit=bernoulli_refit,
+            damping=damping,
+            lipschitz_beta=lipschitz_beta,
+            norm_bound=norm_bound,
+            norm_bound_k=norm_bound_k,
+            norm_bound_iters=norm_bound_iters,
+            balance_probability=balance_probability,
+            update_preconditioner_first=update_preconditioner_first,
+            grad_clip_max_amp=grad_clip_max_amp,
+            grad_clip_max_element=grad_clip_max_element,
         )
     ]
+    # Skip the no-op decay only for a Python 0: an array (inject_hyperparams) must give the
+    # same chain at init (concrete) and in update (traced).
     if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
         parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
     parts.append(optax.scale_by_learning_rate(learning_rate))

@@ -26,7 +26,7 @@ from typing import Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from ._norms import Normaliser
 from ._numerics import real_dtype
@@ -228,12 +228,15 @@ def balance_factors(factors: tuple[Array, ...]) -> tuple[Array, ...]:
 
 
 def maybe_balance(
-    factors: tuple[Array, ...], key: PRNGKeyArray, probability: float
+    factors: tuple[Array, ...], key: PRNGKeyArray, probability: float | ArrayLike
 ) -> tuple[Array, ...]:
     """Balance with the given probability (1.0: always, 0.0: never)."""
-    if len(factors) < 2 or probability <= 0.0:
+    if len(factors) < 2:
         return factors
-    if probability >= 1.0:
-        return balance_factors(factors)
-    do = jax.random.uniform(key) < probability
+    if isinstance(probability, (int, float)):
+        if probability <= 0.0:
+            return factors
+        if probability >= 1.0:
+            return balance_factors(factors)
+    do = jax.random.uniform(key) < jnp.asarray(probability).astype(jnp.float32)
     return jax.lax.cond(do, balance_factors, lambda f: f, factors)

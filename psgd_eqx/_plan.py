@@ -20,7 +20,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import PyTree
+from jaxtyping import ArrayLike, PyTree
 
 from ._geometry import canonical_geometry
 from ._numerics import compute_dtype, real_dtype
@@ -33,7 +33,21 @@ MEMORY_SAVE_MODES = (None, "one_diag", "smart_one_diag", "one_triu", "all_diag")
 def validate_structure_rules(
     max_size_triangular, min_ndim_triangular, max_skew_triangular, memory_save_mode
 ) -> None:
-    """Raise `ValueError` naming the argument for an invalid structure rule."""
+    """Raise `ValueError` naming the argument for an invalid structure rule.
+
+    Array values (as `optax.inject_hyperparams` passes them) are read as numbers when
+    concrete and skipped when traced (the rules are only used at `init`).
+    """
+    from ._transform import concrete
+
+    max_size_triangular, min_ndim_triangular, max_skew_triangular = (
+        concrete(x) if hasattr(x, "dtype") else x
+        for x in (max_size_triangular, min_ndim_triangular, max_skew_triangular)
+    )
+    if max_size_triangular is None or min_ndim_triangular is None or max_skew_triangular is None:
+        return
+    if isinstance(min_ndim_triangular, float) and min_ndim_triangular.is_integer():
+        min_ndim_triangular = int(min_ndim_triangular)
     if not isinstance(max_size_triangular, (int, float)) or max_size_triangular < 0:
         raise ValueError(
             f"`max_size_triangular` must be a number >= 0; got {max_size_triangular!r}."
@@ -55,9 +69,9 @@ def validate_structure_rules(
 def dense_axes(
     shape: tuple[int, ...],
     *,
-    max_size_triangular: float = 8192,
-    min_ndim_triangular: int = 2,
-    max_skew_triangular: float = float("inf"),
+    max_size_triangular: ArrayLike = 8192,
+    min_ndim_triangular: ArrayLike = 2,
+    max_skew_triangular: ArrayLike = float("inf"),
     memory_save_mode: str | None = None,
 ) -> tuple[bool, ...]:
     """Per axis of `shape` (size-1 axes squeezed): dense (True) or diagonal factor?
@@ -75,8 +89,13 @@ def dense_axes(
 
     **Returns:** one flag per squeezed axis.
     """
+    from ._transform import concrete
+
     validate_structure_rules(
         max_size_triangular, min_ndim_triangular, max_skew_triangular, memory_save_mode
+    )
+    max_size_triangular, min_ndim_triangular, max_skew_triangular = (
+        concrete(x) for x in (max_size_triangular, min_ndim_triangular, max_skew_triangular)
     )
     axes = squeezed_shape(tuple(shape))
     numel = math.prod(axes)

@@ -15,6 +15,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+import numpy as np
 import jax.numpy as jnp
 import optax
 from jaxtyping import Array, ArrayLike, Bool, Int, PRNGKeyArray, PyTree
@@ -48,6 +49,7 @@ class PSGDState(eqx.Module):
         preconditioner for that leaf).
     - `update_counter`: steps since the last refit (the deterministic schedule's counter).
     - `refits`: number of refits done so far (int32), handy for logging.
+    - `normaliser`: the (static) step-size normaliser configuration fixed at `init`.
     """
 
     count: Int[Array, ""]
@@ -56,13 +58,35 @@ class PSGDState(eqx.Module):
     precond: PyTree
     update_counter: Int[Array, ""]
     refits: Int[Array, ""]
+    normaliser: Normaliser = eqx.field(static=True)
 
 
 def _is_precond_leaf(x) -> bool:
     return x is None or isinstance(x, AbstractPrecond)
 
 
+def concrete(x):
+    """`x` as a Python number if it is one or a concrete 0-d array; `None` if traced.
+
+    `optax.inject_hyperparams` re-creates the transformation with array-valued (and, under
+    `jit`, traced) hyperparameters; the trace-time configuration is therefore read once, at
+    `init`, and kept in static fields of the state.
+    """
+    if isinstance(x, (bool, int, float)):
+        return x
+    try:
+        return np.asarray(x).item()
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None
+    except (TypeError, ValueError):
+        return None
+
+
 def _as_key(key) -> PRNGKeyArray:
+    if hasattr(key, "dtype") and jnp.ndim(key) == 0 and not jnp.issubdtype(
+        key.dtype, jax.dtypes.prng_key
+    ):
+        key = int(concrete(key))  # an int seed turned into an array by inject_hyperparams
     if isinstance(key, int):
         return jax.random.PRNGKey(key)
     return key
@@ -71,8 +95,9 @@ def _as_key(key) -> PRNGKeyArray:
 def _validate_number(name: str, value, lo: float, hi: float, lo_open=False, hi_open=False):
     if callable(value) or value is None:
         return
-    if not isinstance(value, (int, float)):
-        return  # traced / array values (inject_hyperparams) are not validated
+    value = concrete(value)
+    if value is None:
+        return  # traced values (inject_hyperparams inside jit) cannot be validated
     bad = value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi)
     if bad or value != value:
         lb = "(" if lo_open else "["
@@ -80,41 +105,44 @@ def _validate_number(name: str, value, lo: float, hi: float, lo_open=False, hi_o
         raise ValueError(f"`{name}` must be in {lb}{lo}, {hi}{rb}; got {value!r}.")
 
 
-def _clip(u: Array, max_rms: float | None, max_element: float | None) -> Array:
+def _clip(u: Array, max_rms, max_element) -> Array:
     if max_rms is not None:
         rms = safe_rms(u)
-        factor = jnp.where(rms > max_rms, max_rms / jnp.where(rms > 0, rms, 1.0), 1.0)
+        target = jnp.asarray(max_rms).astype(rms.dtype)
+        factor = jnp.where(rms > target, target / jnp.where(rms > 0, rms, 1.0), 1.0)
         u = u * factor.astype(u.dtype)
     if max_element is not None:
         if jnp.issubdtype(u.dtype, jnp.complexfloating):
             mag = jnp.sqrt(abs2(u))
-            u = u / jnp.maximum(mag / max_element, 1.0).astype(u.dtype)
+            bound = jnp.asarray(max_element).astype(mag.dtype)
+            u = u / jnp.maximum(mag / bound, 1.0).astype(u.dtype)
         else:
-            u = jnp.clip(u, -max_element, max_element)
+            bound = jnp.asarray(max_element).astype(u.dtype)
+            u = jnp.clip(u, -bound, bound)
     return u
 
 
 def scale_by_psgd(
     structure: Callable[[Any, Array], AbstractPrecond | None],
     *,
-    b1: float = 0.9,
+    b1: ArrayLike = 0.9,
     momentum_warmup: bool = False,
     whiten_grad: bool = True,
-    preconditioner_update_probability: float | Callable = 1.0,
+    preconditioner_update_probability: ArrayLike | Callable = 1.0,
     bernoulli_refit: bool = False,
-    preconditioner_lr: float | Callable = 0.1,
-    preconditioner_init_scale: float | None = None,
-    damping: float = 1e-9,
-    lipschitz_beta: float = 0.9,
+    preconditioner_lr: ArrayLike | Callable = 0.1,
+    preconditioner_init_scale: ArrayLike | None = None,
+    damping: ArrayLike = 1e-9,
+    lipschitz_beta: ArrayLike = 0.9,
     norm_bound: str = "subspace",
-    norm_bound_k: int = 32,
-    norm_bound_iters: int = 2,
-    balance_probability: float = 0.01,
+    norm_bound_k: ArrayLike = 32,
+    norm_bound_iters: ArrayLike = 2,
+    balance_probability: ArrayLike = 0.01,
     update_preconditioner_first: bool = True,
-    grad_clip_max_amp: float | None = 2.0,
-    grad_clip_max_element: float | None = 10.0,
+    grad_clip_max_amp: ArrayLike | None = 2.0,
+    grad_clip_max_element: ArrayLike | None = 10.0,
     mu_dtype=None,
-    key: PRNGKeyArray | int = 42,
+    key: PRNGKeyArray | ArrayLike = 42,
 ) -> optax.GradientTransformationExtraArgs:
     """The generic PSGD transformation: any preconditioner structure per leaf.
 
@@ -182,17 +210,20 @@ def scale_by_psgd(
         _validate_number(
             "grad_clip_max_element", grad_clip_max_element, 0.0, float("inf"), lo_open=True
         )
-    if not whiten_grad and b1 == 0:
+    if not whiten_grad and concrete(b1) == 0:
         raise ValueError("`whiten_grad=False` (fit on the momentum) needs `b1 > 0`; got b1=0.")
     if not isinstance(key, int) and not hasattr(key, "dtype"):
         raise ValueError(f"`key` must be a PRNG key or an int seed; got {key!r}.")
-    normaliser = Normaliser(lipschitz_beta, norm_bound, norm_bound_k, norm_bound_iters)
+    norm_args = [concrete(x) for x in (lipschitz_beta, norm_bound_k, norm_bound_iters)]
+    if all(x is not None for x in norm_args):
+        Normaliser(float(norm_args[0]), norm_bound, int(norm_args[1]), int(norm_args[2]))
     prob_fn = as_schedule(preconditioner_update_probability, "preconditioner_update_probability")
     plr_fn = as_schedule(preconditioner_lr, "preconditioner_lr")
     data_driven_init = preconditioner_init_scale is None
-    base_key = _as_key(key)
 
     def init_fn(params):
+        beta_l, k, iters = (concrete(x) for x in (lipschitz_beta, norm_bound_k, norm_bound_iters))
+        normaliser = Normaliser(float(beta_l), norm_bound, int(k), int(iters))
         leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
         preconds = []
         for path, p in leaves_with_path:
@@ -202,10 +233,10 @@ def scale_by_psgd(
             preconds.append(q)
         precond = jax.tree_util.tree_unflatten(treedef, preconds)
         mu = None
-        if b1 > 0:
+        if concrete(b1) != 0:
             mu = jax.tree.map(lambda p: jnp.zeros(p.shape, mu_dtype or p.dtype), params)
         zero = jnp.zeros([], jnp.int32)
-        return PSGDState(zero, base_key, mu, precond, zero, zero)
+        return PSGDState(zero, _as_key(key), mu, precond, zero, zero, normaliser)
 
     def update_fn(
         updates,
@@ -227,16 +258,17 @@ def scale_by_psgd(
         finite = tree_all_finite(grads)
         key, k_refit, k_draw = jax.random.split(state.key, 3)
 
+        normaliser = state.normaliser
         # 1. momentum (a non-finite gradient leaves the buffer untouched)
-        if b1 > 0:
+        if state.mu is not None:
             mu_leaves = treedef.flatten_up_to(state.mu)
             t = count.astype(jnp.float32)
             if momentum_warmup:
-                beta = jnp.minimum(t / (t + 1.0), b1)
+                beta = jnp.minimum(t / (t + 1.0), jnp.asarray(b1).astype(jnp.float32))
                 debias = jnp.ones([], jnp.float32)
             else:
-                beta = jnp.asarray(b1, jnp.float32)
-                debias = 1.0 - jnp.asarray(b1, jnp.float32) ** (t + 1.0)
+                beta = jnp.asarray(b1).astype(jnp.float32)
+                debias = 1.0 - beta ** (t + 1.0)
             new_mu, m_hat = [], []
             for m, g in zip(mu_leaves, g_leaves):
                 cd = compute_dtype(promote(m.dtype, g.dtype))
@@ -330,6 +362,7 @@ def scale_by_psgd(
             precond=jax.tree.unflatten(treedef, q_leaves),
             update_counter=update_counter,
             refits=state.refits + do_refit.astype(jnp.int32),
+            normaliser=normaliser,
         )
         return jax.tree.unflatten(treedef, out), new_state
 

@@ -11,7 +11,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-import pytest
 
 import psgd_eqx
 from psgd_eqx import KronQ, PSGDState
@@ -103,11 +102,13 @@ def test_kron_in_chain_state_structure():
     assert jax.tree.structure(new_state) == jax.tree.structure(state)
     assert int(_psgd_state(new_state).count) == 1
     assert jax.tree.structure(updates) == jax.tree.structure(params)
-    assert all(bool(jnp.all(jnp.isfinite(u))) and bool(jnp.any(u != 0)) for u in
-               jax.tree.leaves(updates))
+    assert all(
+        bool(jnp.all(jnp.isfinite(u))) and bool(jnp.any(u != 0)) for u in jax.tree.leaves(updates)
+    )
     # the update is a descent direction for these gradients
-    assert all(bool(jnp.sum(u * g) < 0) for u, g in
-               zip(jax.tree.leaves(updates), jax.tree.leaves(grads)))
+    assert all(
+        bool(jnp.sum(u * g) < 0) for u, g in zip(jax.tree.leaves(updates), jax.tree.leaves(grads))
+    )
 
 
 def test_accepts_unknown_extra_args():
@@ -266,8 +267,7 @@ def test_inject_hyperparams_same_updates_and_lr_scaling():
     u_full, _ = inj_update(g, s_inj, params)
     u_third, _ = inj_update(g, s_third, params)
     assert bool(jnp.any(u_full["w"] != 0))
-    assert _tree_allclose(jax.tree.map(lambda x: x / 3, u_full), u_third, rtol=1e-5,
-                          atol=1e-9)
+    assert _tree_allclose(jax.tree.map(lambda x: x / 3, u_full), u_third, rtol=1e-5, atol=1e-9)
 
 
 def test_multisteps_accumulates():
@@ -382,9 +382,12 @@ def test_complex_params_least_squares():
 
     for seed in (0, 1):
         k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(seed), 4)
-        a = jax.lax.complex(
-            jax.random.normal(k1, (16, 8), jnp.float32), jax.random.normal(k2, (16, 8))
-        ) / 4
+        a = (
+            jax.lax.complex(
+                jax.random.normal(k1, (16, 8), jnp.float32), jax.random.normal(k2, (16, 8))
+            )
+            / 4
+        )
         xs = jax.lax.complex(
             jax.random.normal(k3, (8, 4), jnp.float32), jax.random.normal(k4, (8, 4))
         )

@@ -259,16 +259,16 @@ _INVALID = [
 
 
 @pytest.mark.parametrize(
-    "kwargs,name", _INVALID, ids=["-".join(f"{k}={v}" for k, v in kw.items()) for kw, _ in
-                                  _INVALID]
+    "kwargs,name", _INVALID, ids=["-".join(f"{k}={v}" for k, v in kw.items()) for kw, _ in _INVALID]
 )
 def test_invalid_hyperparameters_raise(kwargs, name):
     with pytest.raises(ValueError, match=name):
         psgd_eqx.kron(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs,name", [({"min_prob": 0}, "min_prob"),
-                                         ({"max_prob": 2}, "max_prob")])
+@pytest.mark.parametrize(
+    "kwargs,name", [({"min_prob": 0}, "min_prob"), ({"max_prob": 2}, "max_prob")]
+)
 def test_invalid_schedule_raises(kwargs, name):
     with pytest.raises(ValueError, match=name):
         psgd_eqx.precond_update_prob_schedule(**kwargs)

@@ -35,7 +35,7 @@ class AbstractPrecond(eqx.Module):
         lr: ArrayLike,
         key: PRNGKeyArray,
         normaliser: Normaliser | None = None,
-        balance_probability: float = 0.01,
+        balance_probability: float | ArrayLike = 0.01,
     ) -> "AbstractPrecond":
         """One fitting step of Q on the pair (v, h).
 

@@ -79,7 +79,7 @@ class DiagQ(AbstractPrecond):
         lr: ArrayLike,
         key: PRNGKeyArray,
         normaliser: Normaliser | None = None,
-        balance_probability: float = 0.01,
+        balance_probability: float | ArrayLike = 0.01,
     ) -> "DiagQ":
         """One fitting step of d on the pair (v, h) with the shared diagonal geometry rule.
 

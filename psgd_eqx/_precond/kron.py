@@ -223,7 +223,7 @@ class KronQ(AbstractPrecond):
         lr: ArrayLike,
         key: PRNGKeyArray,
         normaliser: Normaliser | None = None,
-        balance_probability: float = 0.01,
+        balance_probability: float | ArrayLike = 0.01,
     ) -> "KronQ":
         """One Lie-group fitting step of every factor on the pair (v, h).
 
