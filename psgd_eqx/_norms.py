@@ -33,7 +33,7 @@ def _aligned_start(a: Array, key: PRNGKeyArray, k: int) -> Array:
     dots = jnp.sum(aj[None, :] * jnp.conj(v), axis=1, keepdims=True)
     if jnp.issubdtype(a.dtype, jnp.complexfloating):
         mag = jnp.abs(dots)
-        sign = jnp.where(mag > 0, dots / jnp.where(mag > 0, mag, 1.0), 1.0)
+        sign = jnp.where(mag > 0, dots / jnp.where(mag > 0, mag, 1.0).astype(dots.dtype), 1.0)
     else:
         sign = jnp.sign(dots)
     return aj[None, :] + sign * v
@@ -78,7 +78,7 @@ class Normaliser(eqx.Module):
     """
 
     beta: float = eqx.field(static=True, default=0.9)
-    bound: NormBound = eqx.field(static=True, default="subspace")
+    bound: str = eqx.field(static=True, default="subspace")
     k: int = eqx.field(static=True, default=32)
     half_iters: int = eqx.field(static=True, default=2)
 

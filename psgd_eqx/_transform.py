@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import jax.numpy as jnp
 import optax
-from jaxtyping import Array, ArrayLike, Bool, Int, PRNGKeyArray, PyTree
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from ._norms import Normaliser
 from ._numerics import (
@@ -47,7 +47,8 @@ class PSGDState(eqx.Module):
     - `precond`: a pytree with the params' structure whose leaves are the preconditioner
         modules ([`psgd_eqx.KronQ`][], [`psgd_eqx.DiagQ`][], ...) or `None` (no
         preconditioner for that leaf).
-    - `update_counter`: steps since the last refit (the deterministic schedule's counter).
+    - `refit_accumulator`: the deterministic schedule's accumulated refit probability
+        (a refit fires when it reaches 1, so the refit rate equals the probability).
     - `refits`: number of refits done so far (int32), handy for logging.
     - `normaliser`: the (static) step-size normaliser configuration fixed at `init`.
     """
@@ -56,7 +57,7 @@ class PSGDState(eqx.Module):
     key: PRNGKeyArray
     mu: PyTree | None
     precond: PyTree
-    update_counter: Int[Array, ""]
+    refit_accumulator: Float[Array, ""]
     refits: Int[Array, ""]
     normaliser: Normaliser = eqx.field(static=True)
 
@@ -159,8 +160,9 @@ def scale_by_psgd(
         update; divide lr by √((1+b1)/(1−b1)) when switching).
     - `preconditioner_update_probability`: refit probability, a constant or a schedule of
         the step count (see [`psgd_eqx.precond_update_prob_schedule`][]).
-    - `bernoulli_refit`: `False`: a deterministic counter refits every ⌈1/p⌉ steps (same
-        expected rate, no variance); `True`: an independent Bernoulli(p) draw per step.
+    - `bernoulli_refit`: `False`: a deterministic accumulator refits whenever the summed
+        probability reaches 1 (rate exactly p, no variance); `True`: an independent
+        Bernoulli(p) draw per step. The first step always refits.
     - `preconditioner_lr`: μ, a constant or a schedule of the step count.
     - `preconditioner_init_scale`: `None` = data-driven global scale from the first
         gradient, (maxᵢ mean|gᵢ|⁴ + δ⁴)^(−1/8) (falls back to 1.0 for zero or non-finite
@@ -223,7 +225,9 @@ def scale_by_psgd(
 
     def init_fn(params):
         beta_l, k, iters = (concrete(x) for x in (lipschitz_beta, norm_bound_k, norm_bound_iters))
-        normaliser = Normaliser(float(beta_l), norm_bound, int(k), int(iters))
+        # Round β_L through f32 so a plain and an inject_hyperparams optimizer (which casts
+        # it to an f32 array) build identical static state.
+        normaliser = Normaliser(float(np.float32(beta_l)), norm_bound, int(k), int(iters))
         leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
         preconds = []
         for path, p in leaves_with_path:
@@ -236,7 +240,8 @@ def scale_by_psgd(
         if concrete(b1) != 0:
             mu = jax.tree.map(lambda p: jnp.zeros(p.shape, mu_dtype or p.dtype), params)
         zero = jnp.zeros([], jnp.int32)
-        return PSGDState(zero, _as_key(key), mu, precond, zero, zero, normaliser)
+        acc = jnp.zeros([], jnp.float32)
+        return PSGDState(zero, _as_key(key), mu, precond, acc, zero, normaliser)
 
     def update_fn(
         updates,
@@ -272,10 +277,9 @@ def scale_by_psgd(
             new_mu, m_hat = [], []
             for m, g in zip(mu_leaves, g_leaves):
                 cd = compute_dtype(promote(m.dtype, g.dtype))
-                rd = real_dtype(cd)
-                nm = beta.astype(rd) * m.astype(cd) + (1.0 - beta).astype(rd) * g.astype(cd)
+                nm = beta.astype(cd) * m.astype(cd) + (1.0 - beta).astype(cd) * g.astype(cd)
                 new_mu.append(jnp.where(finite, nm.astype(m.dtype), m))
-                m_hat.append((nm / debias.astype(rd)).astype(g.dtype))
+                m_hat.append((nm / debias.astype(cd)).astype(g.dtype))
             mu = jax.tree.unflatten(treedef, new_mu)
         else:
             mu = None
@@ -291,18 +295,23 @@ def scale_by_psgd(
             fit_leaves = g_leaves if whiten_grad else m_hat
             v_leaves = [None] * len(g_leaves)
             fit_ok = finite
-        counter = state.update_counter + 1
+        acc = state.refit_accumulator
         if update_preconditioner is not None:
             want = jnp.asarray(update_preconditioner, bool)
+            do_refit = want & fit_ok
         else:
             prob = prob_fn(count)
             if bernoulli_refit:
                 want = jax.random.uniform(k_draw) < prob
             else:
-                want = counter.astype(jnp.float32) >= 1.0 / prob
+                # Accumulate the probability and fire when it reaches 1: the refit rate is
+                # exactly p (also while p anneals), with no sampling variance.
+                acc = acc + prob
+                want = acc >= 1.0
             want = want | (count == 0)
-        do_refit = want & fit_ok
-        update_counter = jnp.where(do_refit, jnp.zeros_like(counter), counter)
+            do_refit = want & fit_ok
+            if not bernoulli_refit:
+                acc = jnp.where(do_refit, jnp.maximum(acc - 1.0, 0.0), acc)
 
         # data-driven init: Q = scale·I from the first gradient, inside jit
         if data_driven_init:
@@ -360,7 +369,7 @@ def scale_by_psgd(
             key=key,
             mu=mu,
             precond=jax.tree.unflatten(treedef, q_leaves),
-            update_counter=update_counter,
+            refit_accumulator=acc,
             refits=state.refits + do_refit.astype(jnp.int32),
             normaliser=normaliser,
         )
