@@ -251,7 +251,7 @@ def part_a(args) -> dict:
         treedef, [1e-3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(gkeys, leaves)]
     )
     print(f"params: {n_params(params0):,} in {len(leaves)} leaves")
-    probs = (1.0, P_LATE, P_NEVER)
+    probs = args.probs or (1.0, P_LATE, P_NEVER)
     cfgs = make_configs(1e-4, probs, with_psgdax=True, with_cache=not args.no_cache)
     k_dense, k_sparse = args.steps, args.sparse_steps
 
@@ -370,7 +370,7 @@ def part_b(args) -> dict:
     )
     params0 = init_params(jax.random.PRNGKey(0))
     print(f"params: {n_params(params0):,}")
-    probs = (1.0, P_NEVER) + ((P_LATE,) if args.direct_b else ())
+    probs = args.probs or ((1.0, P_NEVER) + ((P_LATE,) if args.direct_b else ()))
     cfgs = make_configs(
         3e-4, probs, with_psgdax=not args.no_psgdax_b, with_cache=args.cache_b
     )
@@ -500,6 +500,11 @@ def main(argv=None):
         help="(b) also time p=0.03 directly (windows of --direct-b-steps steps)",
     )
     ap.add_argument("--direct-b-steps", type=int, default=68)
+    ap.add_argument(
+        "--probs", type=str, default=None,
+        help="comma list of refit probabilities to measure, e.g. '1,never' "
+        "(default: (a) 1,0.03,never; (b) 1,never [+0.03 with --direct-b])",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: few reps and steps")
     ap.add_argument("--json", type=str, default=None, help="write raw timings here")
     ap.add_argument(
@@ -507,6 +512,10 @@ def main(argv=None):
         help="JAX persistent compilation cache directory ('' disables); compiles take minutes on CPU",
     )
     args = ap.parse_args(argv)
+    if args.probs:
+        args.probs = tuple(
+            P_NEVER if x.strip() == "never" else float(x) for x in args.probs.split(",")
+        )
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
