@@ -9,11 +9,13 @@ loss after 500 steps, and µs/step of the best-lr run (median of interleaved rep
 the compiled 1,500-step scan, noisy-gradient computation included).
 
 Optimizers: optax.adam; psgdax.kron (Q0.5EQ1.5, EQ, QUAD; prob 1.0; its defaults, i.e.
-max_skew_triangular=1.0, so the 64-axis of W gets a *diagonal* factor); psgd_eqx.kron for
-every geometry at prob 1.0 with (i) its defaults (max_skew_triangular=∞: both W axes dense)
-and (ii) psgdax's structure rule (max_skew_triangular=1.0). With `--ablate` (on by default in
-the full run) also psgd_eqx rows with psgdax's remaining defaults switched on one at a time and
-all together (momentum warm-up, RMS clip 1.0 without element clip), to attribute any gap.
+max_skew_triangular=1.0, so the 64-axis of W gets a *diagonal* factor, and again with
+max_skew_triangular=∞); psgd_eqx.kron for every geometry at prob 1.0 with (i) its defaults
+(max_skew_triangular=∞: both W axes dense) and (ii) psgdax's structure rule
+(max_skew_triangular=1.0). Same structure rule ⇒ directly comparable rows. With `--ablate`
+(on by default in the full run) also psgd_eqx rows with psgdax's remaining defaults switched
+on one at a time and all together (momentum warm-up, RMS clip 1.0 without element clip,
+Bernoulli refit draws), to attribute any gap.
 
 Usage:
 
@@ -98,20 +100,27 @@ class Opt:
 def optimizers(ablate: bool) -> list[Opt]:
     out = [Opt("optax.adam", "—", lambda lr: optax.adam(lr))]
     if psgdax is not None:
-        for mode in ("Q0.5EQ1.5", "EQ", "QUAD"):
-            out.append(
-                Opt(
-                    f"psgdax.kron {mode}",
-                    "skew 1.0 (64-axis diag)",
-                    lambda lr, mode=mode: psgdax.kron(
-                        learning_rate=lr,
-                        preconditioner_update_probability=1.0,
-                        preconditioner_mode=mode,
-                    ),
+        for skew, label in (
+            (1.0, "skew 1.0 (psgdax default: 64-axis diag)"),
+            (float("inf"), "skew ∞ (both dense)"),
+        ):
+            for mode in ("Q0.5EQ1.5", "EQ", "QUAD"):
+                out.append(
+                    Opt(
+                        f"psgdax.kron {mode}",
+                        label,
+                        lambda lr, mode=mode, skew=skew: psgdax.kron(
+                            learning_rate=lr,
+                            preconditioner_update_probability=1.0,
+                            preconditioner_mode=mode,
+                            max_skew_triangular=skew,
+                        ),
+                    )
                 )
-            )
-    for skew, label in ((float("inf"), "skew ∞ (default: both dense)"),
-                        (1.0, "skew 1.0 (64-axis diag)")):
+    for skew, label in (
+        (float("inf"), "skew ∞ (psgd_eqx default: both dense)"),
+        (1.0, "skew 1.0 (64-axis diag)"),
+    ):
         for geom in GEOMETRIES:
             out.append(
                 Opt(
@@ -179,6 +188,29 @@ def make_run(opt: Opt):
 # ------------------------------------------------------------------------------ main
 
 
+def lib_commit() -> str:
+    """The git commit of the psgd_eqx checkout being measured (the library changes fast)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(psgd_eqx.__file__)))
+    try:
+        rev = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--", "psgd_eqx"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (rev or "unknown") + ("+dirty" if dirty else "")
+
+
 def _fmt(x: float) -> str:
     if x != x:
         return "nan"
@@ -190,8 +222,12 @@ def _fmt(x: float) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="lrs {1e-3, 3e-3, 3e-2}, no ablations")
-    ap.add_argument("--ablate", action=argparse.BooleanOptionalAction, default=None,
-                    help="psgd_eqx rows with psgdax's defaults (default: on unless --quick)")
+    ap.add_argument(
+        "--ablate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="psgd_eqx rows with psgdax's defaults (default: on unless --quick)",
+    )
     ap.add_argument("--time-reps", type=int, default=5, help="interleaved timing repetitions")
     ap.add_argument("--only", type=str, default=None, help="substring filter on optimizer names")
     args = ap.parse_args(argv)
@@ -201,7 +237,8 @@ def main(argv=None):
     print("# kron_quadratic.py (anchors.md §5.6 / A.2)")
     dev = jax.devices()[0]
     print(
-        f"jax {jax.__version__}, optax {optax.__version__}, psgd_eqx {psgd_eqx.__version__}, "
+        f"jax {jax.__version__}, optax {optax.__version__}, "
+        f"psgd_eqx {psgd_eqx.__version__} (commit {lib_commit()}), "
         f"psgdax {'0.1.1' if psgdax else 'missing'}; backend {jax.default_backend()} "
         f"({dev.device_kind}); {os.cpu_count()} CPU cores visible"
     )
@@ -236,35 +273,42 @@ def main(argv=None):
     times = {k: [] for k in results}
     for r in range(args.time_reps):
         keys = list(results)
-        keys = keys[r % len(keys):] + keys[: r % len(keys)]
+        keys = keys[r % len(keys) :] + keys[: r % len(keys)]
         for k in keys:
             lr = jnp.float32(results[k]["best"])
             t0 = time.perf_counter()
             jax.block_until_ready(runs[k](lr))
             times[k].append(1e6 * (time.perf_counter() - t0) / STEPS)
 
-    print("\n| optimizer (prob 1.0, defaults unless noted) | structure rule | best lr | "
-          "loss @ step 500 | final loss (mean of last 100) | µs/step |")
+    print(
+        "\n| optimizer (prob 1.0, defaults unless noted) | structure rule | best lr | "
+        "loss @ step 500 | final loss (mean of last 100) | µs/step |"
+    )
     print("|---|---|---|---|---|---|")
     for k, r in results.items():
         name, structure = k
         best = r["best"]
         fin, l500 = r["per_lr"][best]
-        print(f"| {name} | {structure} | {best:g} | {_fmt(l500)} | {_fmt(fin)} | "
-              f"{statistics.median(times[k]):,.0f} |")
+        print(
+            f"| {name} | {structure} | {best:g} | {_fmt(l500)} | {_fmt(fin)} | "
+            f"{statistics.median(times[k]):,.0f} |"
+        )
 
     print("\nFinal loss (mean of last 100 steps) over the whole lr grid:\n")
     print("| optimizer | structure rule | " + " | ".join(f"{lr:g}" for lr in lrs) + " |")
     print("|---|---|" + "---|" * len(lrs))
     for k, r in results.items():
         name, structure = k
-        print(f"| {name} | {structure} | "
-              + " | ".join(_fmt(r["per_lr"][lr][0]) for lr in lrs) + " |")
+        print(
+            f"| {name} | {structure} | " + " | ".join(_fmt(r["per_lr"][lr][0]) for lr in lrs) + " |"
+        )
     adam_t = times.get(("optax.adam", "—"))
     if adam_t:
-        print(f"\n(µs/step: median of {args.time_reps} interleaved repetitions of the compiled "
-              "1,500-step scan; the machine was shared, compare ratios to adam "
-              f"({statistics.median(adam_t):,.0f} µs/step) rather than absolute numbers.)")
+        print(
+            f"\n(µs/step: median of {args.time_reps} interleaved repetitions of the compiled "
+            "1,500-step scan; the machine was shared, compare ratios to adam "
+            f"({statistics.median(adam_t):,.0f} µs/step) rather than absolute numbers.)"
+        )
     return results
 
 

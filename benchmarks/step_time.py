@@ -50,7 +50,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import psgd_eqx
@@ -209,10 +208,34 @@ def _fmt_ratio(x):
     return "n/a" if x != x else f"{x:.3f}"
 
 
+def lib_commit() -> str:
+    """The git commit of the psgd_eqx checkout being measured (the library changes fast)."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(psgd_eqx.__file__)))
+    try:
+        rev = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--", "psgd_eqx"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (rev or "unknown") + ("+dirty" if dirty else "")
+
+
 def env_line() -> str:
     dev = jax.devices()[0]
     return (
-        f"jax {jax.__version__}, optax {optax.__version__}, psgd_eqx {psgd_eqx.__version__}, "
+        f"jax {jax.__version__}, optax {optax.__version__}, "
+        f"psgd_eqx {psgd_eqx.__version__} (commit {lib_commit()}), "
         f"psgdax {getattr(psgdax, '__version__', '0.1.1') if psgdax else 'missing'}; "
         f"backend {jax.default_backend()} ({dev.device_kind}); "
         f"{os.cpu_count()} CPU cores visible; python {platform.python_version()}"
@@ -299,13 +322,10 @@ def part_a(args) -> dict:
     if bad:
         print(f"  WARNING: non-finite params after timing: {bad}")
     eqx_refits = {
-        c.name: int(carries[c.name][1][0].refits)
-        for c in cfgs
-        if c.lib.startswith("psgd_eqx")
+        c.name: int(carries[c.name][1][0].refits) for c in cfgs if c.lib.startswith("psgd_eqx")
     }
 
     med = {k: _med(v) for k, v in times.items()}
-    adam = med["adam"]
     print("\n| optimizer | refit prob | steps/measurement | µs/step (median) | × adam |")
     print("|---|---|---|---|---|")
     for c in cfgs:
@@ -331,10 +351,17 @@ def part_a(args) -> dict:
         "\nRatios (median of per-repetition paired ratios; 'derived' = "
         "t_never + 0.03·(t_always − t_never)):\n"
     )
-    print("| psgd_eqx variant | refit prob | µs/step | psgd_eqx / psgdax | psgd_eqx / adam | psgdax / adam |")
+    print(
+        "| psgd_eqx variant | refit prob | µs/step | psgd_eqx / psgdax | psgd_eqx / adam "
+        "| psgdax / adam |"
+    )
     print("|---|---|---|---|---|---|")
-    rows = [("1", "1.0"), ("0.03", "0.03 (direct)"), ("0.03 (derived)", "0.03 (derived)"),
-            ("never", "never (apply only)")]
+    rows = [
+        ("1", "1.0"),
+        ("0.03", "0.03 (direct)"),
+        ("0.03 (derived)", "0.03 (derived)"),
+        ("never", "never (apply only)"),
+    ]
     summary = {}
     for lib in libs:
         for key, label in rows:
@@ -350,12 +377,13 @@ def part_a(args) -> dict:
                 us=_med(times.get(n_e, [])), vs_psgdax=r_ex, vs_adam=r_ea, psgdax_vs_adam=r_xa
             )
     print(
-        f"\npsgd_eqx refits counted in state (deterministic counter, includes warm-up window): "
+        f"\npsgd_eqx refits counted in state (all windows incl. the first, untimed one): "
         f"{eqx_refits}"
     )
     print(
-        "(psgd_eqx at p=0.03 refits every ceil(1/0.03)=34 steps, i.e. rate 0.0294; psgdax draws "
-        "Bernoulli(0.03) per step, so its direct p=0.03 number varies with the draw.)"
+        "(psgd_eqx's default refit schedule is deterministic, so its direct p=0.03 windows hold a "
+        "fixed number of refits; psgdax draws Bernoulli(0.03) per step, so its direct p=0.03 "
+        "number varies with the draw: prefer the derived row.)"
     )
     return {"times_us": times, "median_us": med, "summary": summary}
 
@@ -371,9 +399,7 @@ def part_b(args) -> dict:
     params0 = init_params(jax.random.PRNGKey(0))
     print(f"params: {n_params(params0):,}")
     probs = args.probs or ((1.0, P_NEVER) + ((P_LATE,) if args.direct_b else ()))
-    cfgs = make_configs(
-        3e-4, probs, with_psgdax=not args.no_psgdax_b, with_cache=args.cache_b
-    )
+    cfgs = make_configs(3e-4, probs, with_psgdax=not args.no_psgdax_b, with_cache=args.cache_b)
     data_key = jax.random.PRNGKey(2)
     n_batches = 4
     batches = jax.random.randint(data_key, (n_batches, BATCH, CTX + 1), 0, VOCAB)
@@ -447,7 +473,10 @@ def part_b(args) -> dict:
         "t_never + 0.03·(t_always − t_never), the expected mean step time in the late regime "
         "of precond_update_prob_schedule()):\n"
     )
-    print("| optimizer | annealed, late (p=0.03, derived) | p=0.03 direct | p=1.0 | never (apply only) |")
+    print(
+        "| optimizer | annealed, late (p=0.03, derived) | p=0.03 direct | p=1.0 "
+        "| never (apply only) |"
+    )
     print("|---|---|---|---|---|")
     summary = {}
     for lib in ("psgd_eqx", "psgd_eqx+cache", "psgdax"):
@@ -466,8 +495,11 @@ def part_b(args) -> dict:
         print(
             "\npsgd_eqx / psgdax (train step): "
             f"p=1.0 {_fmt_ratio(paired_ratio(rep_means, 'psgd_eqx p=1', 'psgdax p=1'))}, "
-            f"late (derived) "
-            f"{_fmt_ratio(paired_ratio(rep_means, 'psgd_eqx p=0.03 (derived)', 'psgdax p=0.03 (derived)'))}, "
+            "late (derived) "
+            + _fmt_ratio(
+                paired_ratio(rep_means, "psgd_eqx p=0.03 (derived)", "psgdax p=0.03 (derived)")
+            )
+            + ", "
             f"never {_fmt_ratio(paired_ratio(rep_means, 'psgd_eqx p=never', 'psgdax p=never'))}"
         )
     print(
@@ -486,7 +518,9 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=7, help="(a) interleaved repetitions")
     ap.add_argument("--steps", type=int, default=10, help="(a) steps/measurement at p=1, never")
     ap.add_argument(
-        "--sparse-steps", type=int, default=204,
+        "--sparse-steps",
+        type=int,
+        default=204,
         help="(a) steps/measurement at p=0.03 and for adam (multiple of 34)",
     )
     ap.add_argument("--no-cache", action="store_true", help="(a) skip cache_preconditioner=True")
@@ -496,20 +530,26 @@ def main(argv=None):
     ap.add_argument("--cache-b", action="store_true", help="(b) add cache_preconditioner=True")
     ap.add_argument("--no-psgdax-b", action="store_true", help="(b) skip psgdax")
     ap.add_argument(
-        "--direct-b", action="store_true",
+        "--direct-b",
+        action="store_true",
         help="(b) also time p=0.03 directly (windows of --direct-b-steps steps)",
     )
     ap.add_argument("--direct-b-steps", type=int, default=68)
     ap.add_argument(
-        "--probs", type=str, default=None,
+        "--probs",
+        type=str,
+        default=None,
         help="comma list of refit probabilities to measure, e.g. '1,never' "
         "(default: (a) 1,0.03,never; (b) 1,never [+0.03 with --direct-b])",
     )
     ap.add_argument("--quick", action="store_true", help="smoke run: few reps and steps")
     ap.add_argument("--json", type=str, default=None, help="write raw timings here")
     ap.add_argument(
-        "--compile-cache", type=str, default=os.path.join(os.path.dirname(__file__), "out", "jax_cache"),
-        help="JAX persistent compilation cache directory ('' disables); compiles take minutes on CPU",
+        "--compile-cache",
+        type=str,
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out", "jax_cache"),
+        help="JAX persistent compilation cache directory ('' disables); "
+        "compiles take minutes on CPU",
     )
     args = ap.parse_args(argv)
     if args.probs:

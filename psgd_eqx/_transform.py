@@ -239,9 +239,10 @@ def scale_by_psgd(
         mu = None
         if concrete(b1) != 0:
             mu = jax.tree.map(lambda p: jnp.zeros(p.shape, mu_dtype or p.dtype), params)
-        zero = jnp.zeros([], jnp.int32)
+        # Separate buffers per field, so a jitted step can donate the whole state.
+        count, refits = jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32)
         acc = jnp.zeros([], jnp.float32)
-        return PSGDState(zero, _as_key(key), mu, precond, acc, zero, normaliser)
+        return PSGDState(count, _as_key(key), mu, precond, acc, refits, normaliser)
 
     def update_fn(
         updates,
