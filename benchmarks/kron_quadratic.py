@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _common import lib_commit
 
 import psgd_eqx
 
@@ -186,29 +187,6 @@ def make_run(opt: Opt):
 
 
 # ------------------------------------------------------------------------------ main
-
-
-def lib_commit() -> str:
-    """The git commit of the psgd_eqx checkout being measured (the library changes fast)."""
-    import subprocess
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(psgd_eqx.__file__)))
-    try:
-        rev = subprocess.run(
-            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", root, "status", "--porcelain", "--", "psgd_eqx"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (rev or "unknown") + ("+dirty" if dirty else "")
 
 
 def _fmt(x: float) -> str:

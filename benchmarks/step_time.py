@@ -51,6 +51,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import optax
+from _common import lib_commit
 
 import psgd_eqx
 
@@ -206,29 +207,6 @@ def _fmt_us(x):
 
 def _fmt_ratio(x):
     return "n/a" if x != x else f"{x:.3f}"
-
-
-def lib_commit() -> str:
-    """The git commit of the psgd_eqx checkout being measured (the library changes fast)."""
-    import subprocess
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(psgd_eqx.__file__)))
-    try:
-        rev = subprocess.run(
-            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", root, "status", "--porcelain", "--", "psgd_eqx"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (rev or "unknown") + ("+dirty" if dirty else "")
 
 
 def env_line() -> str:
