@@ -16,9 +16,14 @@ normalised step η = μ/L:
 | `QEP` (dQ = Q E P) | Q − η E Q (statistics carry Q) | same as EQ |
 | `PRO` (dQ = Q^½ E Q^{3/2}) | Q − η E Q, then one Procrustes step | same as EQ |
 | `QUAD` (quadratic form) | p = Q − η/2 E Q; p − η/2 p E; (p + pᴴ)/2 | q (1 − η/2 E)² |
+| `PRO4P` (the factor *is* P) | P − η E P, then ≤ 10 third-order Procrustes steps | p − η E p |
+| `QUAD4P` (the factor *is* P) | p = P − η E P; p − η p E; (p + pᴴ)/2 | p (1 − η E)² |
 
-A Kron factor, a `DenseQ` matrix and a diagonal `DiagQ` all call these functions; the
-structures only differ in how they compute T₁ and T₂ (their contractions).
+A Kron factor, a `DenseQ` matrix, the 2×2 blocks of an `XMatQ`, a diagonal `DiagQ` and the
+diagonal of an `LRAQ` all call these functions; the structures only differ in how they
+compute T₁ and T₂ (their contractions). A statistic is a matrix, a scalar c meaning c·I, or
+an [`Outer`][psgd_eqx._geometry.Outer] V Vᴴ of a few vectors (the rank-1 statistics of a
+global dense Q, which are never formed as n×n matrices).
 """
 
 from typing import Literal
@@ -32,13 +37,18 @@ from ._norms import Normaliser
 from ._numerics import real_dtype
 
 
-Geometry = Literal["EQ", "QEQ", "QEP", "PRO", "QUAD"]
-GEOMETRIES: tuple[str, ...] = ("EQ", "QEQ", "QEP", "PRO", "QUAD")
+Geometry = Literal["EQ", "QEQ", "QEP", "PRO", "QUAD", "PRO4P", "QUAD4P"]
+GEOMETRIES: tuple[str, ...] = ("EQ", "QEQ", "QEP", "PRO", "QUAD", "PRO4P", "QUAD4P")
 _ALIASES = {"Q0.5EQ1.5": "PRO", "Q0p5EQ1p5": "PRO"}
 
 # Procrustes step bound of the reference: the 2nd-order expansion of exp(aR) has
 # truncation error ≤ ‖aR‖⁴/4, below 1e-3 for a ≤ 1/4; the reference (and we) use 1/8.
 PROCRUSTES_MAX_STEP = 1.0 / 8.0
+# The 3rd-order expansion I + aR + (aR)²/2 + (aR)³/8 has error ≤ ‖aR‖⁶/64; PRO4P runs up to
+# `PROCRUSTES_4P_ITERS` such steps (max step 1/3) until P is Hermitian to 1e-3 relative.
+PROCRUSTES_3_MAX_STEP = 1.0 / 3.0
+PROCRUSTES_4P_ITERS = 10
+PROCRUSTES_4P_TOL = 1e-3
 
 
 def canonical_geometry(name: str) -> str:
@@ -60,6 +70,33 @@ def canonical_geometry(name: str) -> str:
             f"`geometry` must be one of {GEOMETRIES} (or 'Q0.5EQ1.5' for 'PRO'); got {name!r}."
         )
     return canon
+
+
+class Outer(eqx.Module):
+    """A Hermitian statistic V Vᴴ kept in factored form: V is `(..., n, k)` with k ≪ n.
+
+    A global dense Q fitted on one (v, h) pair has rank-1 statistics T₁ = a aᴴ and
+    T₂ = v vᴴ; products E·Q then cost O(n²) instead of O(n³), and the norm bound is the
+    trace ‖V‖²_F (exact for k = 1, the reference's `DenseNewton` normaliser).
+    """
+
+    vecs: Array
+
+    def lmul(self, q: Array) -> Array:
+        """V (Vᴴ q)."""
+        return self.vecs @ (jnp.conj(jnp.swapaxes(self.vecs, -1, -2)) @ q)
+
+    def rmul(self, q: Array) -> Array:
+        """(q V) Vᴴ."""
+        return (q @ self.vecs) @ jnp.conj(jnp.swapaxes(self.vecs, -1, -2))
+
+    def matrix(self) -> Array:
+        """V Vᴴ as a dense matrix."""
+        return self.lmul(_identity_like(self.vecs.shape[-2], self.vecs.dtype))
+
+    def trace(self) -> Array:
+        """tr(V Vᴴ) = ‖V‖²_F (real)."""
+        return jnp.sum(jnp.real(self.vecs * jnp.conj(self.vecs)), axis=(-2, -1))
 
 
 class GeometrySpec(eqx.Module):
@@ -84,6 +121,11 @@ class GeometrySpec(eqx.Module):
         return self.name == "QEP"
 
     @property
+    def stores_p(self) -> bool:
+        """PRO4P/QUAD4P: the stored factor is P itself, so P·g applies each factor once."""
+        return self.name in ("PRO4P", "QUAD4P")
+
+    @property
     def balance_every_update(self) -> bool:
         """QEP's normaliser is not invariant to factor scaling, so it balances every update."""
         return self.name == "QEP"
@@ -93,20 +135,42 @@ def _identity_like(n: int, dtype) -> Array:
     return jnp.eye(n, dtype=dtype)
 
 
-def _minus_scaled_identity(t1: Array, t2: Array) -> Array:
-    """E = T₁ − T₂ where T₂ is a matrix or a scalar multiple of the identity."""
-    if t2.ndim == 0:
-        return t1 - t2.astype(t1.dtype) * _identity_like(t1.shape[0], t1.dtype)
-    return t1 - t2.astype(t1.dtype)
+def _lmul(t, q: Array) -> Array:
+    """T·q for a statistic that is a matrix, a scalar (·I) or an `Outer`."""
+    if isinstance(t, Outer):
+        return t.lmul(q)
+    if t.ndim == 0:
+        return t.astype(q.dtype) * q
+    return t.astype(q.dtype) @ q
 
 
-def dense_lipschitz(
-    t1: Array, t2: Array, key: PRNGKeyArray, normaliser: Normaliser
-) -> Float[Array, ""]:
+def _rmul(q: Array, t) -> Array:
+    """q·T (see `_lmul`)."""
+    if isinstance(t, Outer):
+        return t.rmul(q)
+    if t.ndim == 0:
+        return q * t.astype(q.dtype)
+    return q @ t.astype(q.dtype)
+
+
+def _matrix(t, n: int, dtype) -> Array:
+    if isinstance(t, Outer):
+        return t.matrix().astype(dtype)
+    if t.ndim == 0:
+        return t.astype(dtype) * _identity_like(n, dtype)
+    return t.astype(dtype)
+
+
+def dense_lipschitz(t1, t2, key: PRNGKeyArray, normaliser: Normaliser) -> Float[Array, ""]:
     """ℓ = lower bound of ‖T₁ + T₂‖ for a dense factor.
 
-    With T₂ = c·I this is ℓ(T₁) + c, exactly as the reference writes it.
+    With T₂ = c·I this is ℓ(T₁) + c, exactly as the reference writes it. For factored
+    (`Outer`) statistics it is the trace, ‖V₁‖² + ‖V₂‖² (the reference's `DenseNewton`).
     """
+    if isinstance(t1, Outer):
+        rd = real_dtype(t1.vecs.dtype)
+        second = t2.trace() if isinstance(t2, Outer) else jnp.real(t2)
+        return (t1.trace() + second.astype(rd)).astype(rd)
     if t2.ndim == 0:
         return normaliser.norm_lower_bound(t1, key) + jnp.real(t2).astype(real_dtype(t1.dtype))
     return normaliser.norm_lower_bound(t1 + t2.astype(t1.dtype), key)
@@ -115,6 +179,13 @@ def dense_lipschitz(
 def diag_lipschitz(t1: Array, t2: Array) -> Float[Array, ""]:
     """ℓ = max(T₁ + T₂) for a diagonal factor (the statistics are real and ≥ 0)."""
     return jnp.max(jnp.real(t1) + jnp.real(t2))
+
+
+def _normalised_generator(q: Array, key: PRNGKeyArray, normaliser: Normaliser) -> Array:
+    # R = Qᴴ − Q is typically tiny; normalise it by a lower bound of its norm.
+    r = jnp.conj(q.T) - q
+    tiny = jnp.finfo(real_dtype(q.dtype)).smallest_normal
+    return r / (normaliser.norm_lower_bound(r, key) + tiny).astype(q.dtype)
 
 
 def procrustes_step(
@@ -135,9 +206,7 @@ def procrustes_step(
 
     **Returns:** the rotated factor.
     """
-    r = jnp.conj(q.T) - q
-    tiny = jnp.finfo(real_dtype(q.dtype)).smallest_normal
-    r = r / (normaliser.norm_lower_bound(r, key) + tiny).astype(q.dtype)
+    r = _normalised_generator(q, key, normaliser)
     rq = r @ q
     rrq = r @ rq
     tr_rq = jnp.real(jnp.trace(rq))
@@ -148,14 +217,63 @@ def procrustes_step(
     return q + a * (rq + 0.5 * a * rrq)
 
 
+def procrustes_step3(
+    q: Array, key: PRNGKeyArray, normaliser: Normaliser, max_step: float = PROCRUSTES_3_MAX_STEP
+) -> Array:
+    """One 3rd-order Procrustes rotation Q ← (I + aR + (aR)²/2 + (aR)³/8) Q.
+
+    The step a is the larger root of the derivative of tr(UQ) along the expansion,
+    tr(RQ) + a tr(R²Q) + (3/8) a² tr(R³Q) = 0, capped at `max_step`; when tr(RQ) ≤ 0 or
+    tr(R³Q) ≥ 0, Q is already Hermitian to working precision and is returned unchanged.
+
+    **Arguments:** as [`procrustes_step`][psgd_eqx._geometry.procrustes_step].
+
+    **Returns:** the rotated factor.
+    """
+    r = _normalised_generator(q, key, normaliser)
+    rq = r @ q
+    rrq = r @ rq
+    rrrq = r @ rrq
+    t1, t2, t3 = (jnp.real(jnp.trace(m)).astype(jnp.float32) for m in (rq, rrq, rrrq))
+    go = (t1 > 0) & (t3 < 0)
+    safe3 = jnp.where(go, t3, -1.0)
+    disc = jnp.maximum(t2 * t2 - 1.5 * t1 * safe3, 0.0)
+    a = jnp.minimum((-t2 - jnp.sqrt(disc)) / (0.75 * safe3), max_step)
+    a = jnp.where(go, a, 0.0).astype(q.dtype)
+    return q + a * (rq + 0.5 * a * (rrq + 0.25 * a * rrrq))
+
+
+def _hermitian_gap(q: Array) -> Array:
+    return jnp.max(jnp.abs(jnp.conj(q.T) - q)) - PROCRUSTES_4P_TOL * jnp.max(jnp.abs(q))
+
+
+def procrustes_until_hermitian(q: Array, key: PRNGKeyArray, normaliser: Normaliser) -> Array:
+    """PRO4P's projection: up to `PROCRUSTES_4P_ITERS` 3rd-order Procrustes steps, stopping
+    once ‖Pᴴ − P‖_max < 1e-3 ‖P‖_max (a `lax.while_loop`, so it works under jit and vmap)."""
+
+    def cond(carry):
+        i, p, _ = carry
+        return (i < PROCRUSTES_4P_ITERS) & (_hermitian_gap(p) >= 0)
+
+    def body(carry):
+        i, p, k = carry
+        k, sub = jax.random.split(k)
+        return i + 1, procrustes_step3(p, sub, normaliser), k
+
+    _, q, _ = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), q, key))
+    return q
+
+
 def dense_step(
     geometry: str,
     q: Array,
-    t1: Array,
-    t2: Array,
+    t1,
+    t2,
     eta: Float[Array, ""],
     key: PRNGKeyArray,
     normaliser: Normaliser,
+    *,
+    triangular: bool = True,
 ) -> Array:
     """One normalised Lie-group step of a dense (or triangular) factor.
 
@@ -163,27 +281,43 @@ def dense_step(
 
     - `geometry`: canonical geometry name.
     - `q`: the factor, in the compute dtype.
-    - `t1`, `t2`: the statistics; `t2` may be a scalar meaning `t2·I`.
+    - `t1`, `t2`: the statistics: matrices, `Outer` factors, or (`t2` only) a scalar c
+        meaning c·I.
     - `eta`: the normalised step μ/L (real scalar).
-    - `key`: randomness for the Procrustes norm bound (PRO only).
-    - `normaliser`: norm-bound configuration (PRO only).
+    - `key`: randomness for the Procrustes norm bounds (PRO, PRO4P).
+    - `normaliser`: norm-bound configuration (PRO, PRO4P).
+    - `triangular`: for `EQ`, restrict E to its upper triangle (the triangular group of a
+        Kron or dense factor, whose inverse is a triangular solve); `False` keeps the full
+        E (used where Q⁻¹ is cheap anyway, e.g. the 2×2 blocks of `XMatQ`).
 
     **Returns:** the updated factor.
     """
-    e = _minus_scaled_identity(t1, t2)
     eta = eta.astype(q.dtype)
+
+    def e_left(x):  # E·x
+        return _lmul(t1, x) - _lmul(t2, x)
+
+    def e_right(x):  # x·E
+        return _rmul(x, t1) - _rmul(x, t2)
+
     if geometry == "EQ":
+        if not triangular:
+            return q - eta * e_left(q)
+        n = q.shape[0]
+        e = _matrix(t1, n, q.dtype) - _matrix(t2, n, q.dtype)
         return q - eta * (jnp.triu(e) @ q)
     if geometry == "QEQ":
-        return q - eta * (q @ e)
+        return q - eta * e_right(q)
     if geometry == "QEP":
-        return q - eta * (e @ q)
+        return q - eta * e_left(q)
     if geometry == "PRO":
-        return procrustes_step(q - eta * (e @ q), key, normaliser)
-    if geometry == "QUAD":
-        half = 0.5 * eta
-        p = q - half * (e @ q)
-        p = p - half * (p @ e)
+        return procrustes_step(q - eta * e_left(q), key, normaliser)
+    if geometry == "PRO4P":
+        return procrustes_until_hermitian(q - eta * e_left(q), key, normaliser)
+    if geometry in ("QUAD", "QUAD4P"):
+        step = 0.5 * eta if geometry == "QUAD" else eta
+        p = q - step * e_left(q)
+        p = p - step * e_right(p)
         return 0.5 * (p + jnp.conj(p.T))
     raise ValueError(f"unknown geometry {geometry!r}")
 
@@ -197,10 +331,10 @@ def diag_step(geometry: str, q: Array, t1: Array, t2: Array, eta: Float[Array, "
     """
     e = (jnp.real(t1) - jnp.real(t2)).astype(real_dtype(q.dtype))
     eta = eta.astype(e.dtype)
-    if geometry == "QUAD":
-        gain = 1.0 - 0.5 * eta * e
+    if geometry in ("QUAD", "QUAD4P"):
+        gain = 1.0 - (0.5 if geometry == "QUAD" else 1.0) * eta * e
         return q * (gain * gain).astype(q.dtype)
-    # EQ, QEQ, QEP and PRO coincide on diagonal matrices (they commute).
+    # EQ, QEQ, QEP, PRO and PRO4P coincide on diagonal matrices (they commute).
     return q - (eta * e).astype(q.dtype) * q
 
 

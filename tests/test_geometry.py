@@ -108,6 +108,24 @@ def _procrustes(q):
     return q + a * (rq + 0.5 * a * rrq)
 
 
+def _procrustes3(q):
+    """The reference's PRO4P projection: up to 10 third-order steps until ≈ symmetric."""
+    for _ in range(10):
+        r = q.T - q
+        r = r / (_lb(r) + np.finfo(np.float32).tiny)
+        rq = r @ q
+        rrq = r @ rq
+        rrrq = r @ rrq
+        t1, t2, t3 = np.trace(rq), np.trace(rrq), np.trace(rrrq)
+        if t1 > 0 and t3 < 0:
+            a = (-t2 - np.sqrt(t2 * t2 - 1.5 * t1 * t3)) / (0.75 * t3)
+            a = min(a, 1 / 3)
+            q = q + a * (rq + 0.5 * a * (rrq + 0.25 * a * rrrq))
+        if np.max(np.abs(q.T - q)) < 1e-3 * np.max(np.abs(q)):
+            break
+    return q
+
+
 def _reference_step(geometry, q1, q2, l1, l2, g, v, lr, beta=0.9, whiten=True):
     """The reference update of factors (q1 dense m×m, q2 dense n×n) and L, in float64."""
     q1, q2, g, v = (np.asarray(x, np.float64) for x in (q1, q2, g, v))
@@ -118,7 +136,7 @@ def _reference_step(geometry, q1, q2, l1, l2, g, v, lr, beta=0.9, whiten=True):
         b = np.linalg.inv(q1).T @ v @ np.linalg.inv(q2)
         stats = [(a @ a.T, b @ b.T), (a.T @ a, b.T @ b)]
     else:
-        p1, p2 = q1.T @ q1, q2.T @ q2
+        p1, p2 = (q1, q2) if geometry.endswith("4P") else (q1.T @ q1, q2.T @ q2)
         pg = p1 @ g @ p2.T
         if geometry == "QEP":
             # QEP balances the factors before every update (its L is not scale-invariant)
@@ -151,9 +169,12 @@ def _reference_step(geometry, q1, q2, l1, l2, g, v, lr, beta=0.9, whiten=True):
             q = q - eta * e @ q
         elif geometry == "PRO":
             q = _procrustes(q - eta * e @ q)
-        elif geometry == "QUAD":
-            p = q - eta / 2 * e @ q
-            p = p - eta / 2 * p @ e
+        elif geometry == "PRO4P":
+            q = _procrustes3(q - eta * e @ q)
+        elif geometry in ("QUAD", "QUAD4P"):
+            step = eta / 2 if geometry == "QUAD" else eta
+            p = q - step * e @ q
+            p = p - step * p @ e
             q = (p + p.T) / 2
         out_q.append(q)
         out_l.append(big_l)
@@ -178,8 +199,11 @@ def test_one_step_matches_reference(geometry):
     new = q.update(v if q.needs_v else None, g, lr=0.3, key=key, normaliser=norm,
                    balance_probability=0.0)
     (r1, r2), (rl1, rl2) = _reference_step(geometry, q1, q2, 3.0, 0.5, g, v, 0.3)
-    np.testing.assert_allclose(new.factors[0], r1, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(new.factors[1], r2, rtol=1e-5, atol=1e-5)
+    # PRO4P stops its Procrustes loop at a relative asymmetry of 1e-3: f32 and f64 may stop
+    # one iteration apart, both inside that tolerance.
+    atol = 2e-4 if geometry == "PRO4P" else 1e-5
+    np.testing.assert_allclose(new.factors[0], r1, rtol=1e-5, atol=atol)
+    np.testing.assert_allclose(new.factors[1], r2, rtol=1e-5, atol=atol)
     np.testing.assert_allclose(new.lipschitz, [rl1, rl2], rtol=1e-5)
     # and the step is not a no-op
     assert float(jnp.max(jnp.abs(new.factors[0] - q1))) > 1e-4
@@ -208,15 +232,19 @@ def test_one_step_diag_factor(geometry):
         b = np.linalg.inv(q1n).T @ vn / q2n
         t1, t2 = np.sum(a * a, 0), np.sum(b * b, 0)
     else:
-        pg = q1n.T @ q1n @ gn * q2n**2
+        if geometry.endswith("4P"):  # the factors are P: applied once
+            pg = q1n @ gn * q2n
+        else:
+            pg = q1n.T @ q1n @ gn * q2n**2
         if geometry == "QEP":
             t1, t2 = np.sum((pg * q2n) ** 2, 0), m * q2n**2
         else:
             t1, t2 = np.sum(pg * pg, 0), float(m)
     ell = np.max(t1 + t2)
     eta = 0.2 / ell
-    if geometry == "QUAD":
-        want = q2n * (1 - eta / 2 * (t1 - t2)) ** 2
+    if geometry in ("QUAD", "QUAD4P"):
+        step = eta / 2 if geometry == "QUAD" else eta
+        want = q2n * (1 - step * (t1 - t2)) ** 2
     else:
         want = q2n - eta * (t1 - t2) * q2n
     if geometry == "QEP":  # QEP balances before its step; undo the balancing scale

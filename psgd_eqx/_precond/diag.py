@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
-from .._geometry import canonical_geometry, diag_lipschitz, diag_step, GeometrySpec
+from .._geometry import GEOMETRIES, canonical_geometry, diag_lipschitz, diag_step, GeometrySpec
 from .._norms import Normaliser
 from .._numerics import abs2, all_finite, compute_dtype, promote, real_dtype
 from .base import AbstractPrecond
@@ -26,7 +26,7 @@ class DiagQ(AbstractPrecond):
             raise ValueError(
                 f"`DiagQ(lipschitz=...)` must be a scalar; got shape {self.lipschitz.shape}."
             )
-        if self.geometry not in ("EQ", "QEQ", "QEP", "PRO", "QUAD"):
+        if self.geometry not in GEOMETRIES:
             raise ValueError(f"`DiagQ(geometry=...)` unknown geometry {self.geometry!r}.")
 
     @classmethod
@@ -50,7 +50,10 @@ class DiagQ(AbstractPrecond):
         **Returns:** the preconditioner.
         """
         geometry = canonical_geometry(geometry)
-        d = jnp.full(tuple(shape), jnp.asarray(init_scale, jnp.float32).astype(dtype), dtype)
+        scale = jnp.asarray(init_scale, jnp.float32)
+        if GeometrySpec(geometry).stores_p:
+            scale = scale * scale
+        d = jnp.full(tuple(shape), scale.astype(dtype), dtype)
         return cls(d, jnp.zeros((), real_dtype(compute_dtype(dtype))), geometry)
 
     @property
@@ -69,7 +72,11 @@ class DiagQ(AbstractPrecond):
         if g.shape != self.d.shape:
             raise ValueError(f"`DiagQ.apply` expects shape {self.d.shape}; got {g.shape}.")
         dtype = promote(self.d.dtype, g.dtype)
-        return (abs2(self.d).astype(dtype) * g.astype(dtype)).astype(g.dtype)
+        return (self._p().astype(dtype) * g.astype(dtype)).astype(g.dtype)
+
+    def _p(self) -> Array:
+        """The diagonal of P: |d|², or d itself for the stored-P geometries."""
+        return self.d if GeometrySpec(self.geometry).stores_p else abs2(self.d)
 
     def update(
         self,
@@ -100,7 +107,7 @@ class DiagQ(AbstractPrecond):
         if spec.name == "EQ":
             t1, t2 = abs2(q * x), abs2(vv / jnp.conj(q))
         else:
-            pg = abs2(q).astype(cd) * x
+            pg = (q if spec.stores_p else abs2(q).astype(cd)) * x
             if spec.stats_carry_q:
                 t1 = abs2(q * pg)
                 t2 = abs2(q) if vv is None else abs2(q * vv)
@@ -125,7 +132,10 @@ class DiagQ(AbstractPrecond):
 
         **Returns:** the rescaled `DiagQ`.
         """
-        s = jnp.asarray(scale, real_dtype(self.lipschitz.dtype)).astype(self.d.dtype)
+        s = jnp.asarray(scale, real_dtype(self.lipschitz.dtype))
+        if GeometrySpec(self.geometry).stores_p:
+            s = s * s
+        s = s.astype(self.d.dtype)
         return DiagQ(self.d * s, self.lipschitz, self.geometry)
 
     def as_matrix(self) -> Shaped[Array, "n n"]:
@@ -133,7 +143,7 @@ class DiagQ(AbstractPrecond):
 
         **Returns:** an `(N, N)` array.
         """
-        return jnp.diag(abs2(self.d.astype(compute_dtype(self.d.dtype))).reshape(-1))
+        return jnp.diag(self._p().astype(compute_dtype(self.d.dtype)).reshape(-1))
 
     @property
     def state_bytes(self) -> int:

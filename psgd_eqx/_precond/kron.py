@@ -8,6 +8,7 @@ import jax.scipy.linalg as jsl
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
 from .._geometry import (
+    GEOMETRIES,
     balance_factors,
     canonical_geometry,
     dense_lipschitz,
@@ -116,7 +117,7 @@ class KronQ(AbstractPrecond):
                 f"`KronQ(lipschitz=...)` must have shape {(len(axes),)}; got "
                 f"{self.lipschitz.shape}."
             )
-        if self.geometry not in ("EQ", "QEQ", "QEP", "PRO", "QUAD"):
+        if self.geometry not in GEOMETRIES:
             raise ValueError(f"`KronQ(geometry=...)` unknown geometry {self.geometry!r}.")
 
     @classmethod
@@ -155,7 +156,9 @@ class KronQ(AbstractPrecond):
             raise ValueError(
                 f"`dense` must have one flag per squeezed axis {axes}; got {len(dense)}."
             )
-        per = jnp.asarray(init_scale, jnp.float32) ** (1.0 / len(axes))
+        # PRO4P/QUAD4P store P itself, so the scale of Q enters squared.
+        power = 2.0 if GeometrySpec(geometry).stores_p else 1.0
+        per = jnp.asarray(init_scale, jnp.float32) ** (power / len(axes))
         factors = tuple(
             (jnp.eye(n, dtype=dtype) if d else jnp.ones((n,), dtype)) * per.astype(dtype)
             for n, d in zip(axes, dense)
@@ -176,7 +179,8 @@ class KronQ(AbstractPrecond):
         return GeometrySpec(self.geometry).needs_v
 
     def _with_cache(self, enabled: bool) -> "KronQ":
-        if not enabled:
+        # A stored-P factor is its own cache.
+        if not enabled or GeometrySpec(self.geometry).stores_p:
             return eqx.tree_at(lambda q: q.cache, self, None, is_leaf=lambda x: x is None)
         cache = tuple(
             (jnp.conj(f.T) @ f) if d else None for f, d in zip(self.factors, self.dense)
@@ -185,11 +189,14 @@ class KronQ(AbstractPrecond):
 
     def _apply_p(self, factors, cache, x: Array) -> Array:
         """P·x on the squeezed shape with the given (already cast) factors/cache."""
+        stores_p = GeometrySpec(self.geometry).stores_p
+        if stores_p:
+            cache = factors
         cached = cache is not None
         ops = []
         for i, (f, d) in enumerate(zip(factors, self.dense)):
             if not d:
-                ops.append(abs2(f).astype(x.dtype))
+                ops.append(f.astype(x.dtype) if stores_p else abs2(f).astype(x.dtype))
             elif cached:
                 ops.append(cache[i].astype(x.dtype))
             else:
@@ -346,7 +353,8 @@ class KronQ(AbstractPrecond):
 
         **Returns:** the rescaled `KronQ`.
         """
-        per = jnp.asarray(scale, real_dtype(self.lipschitz.dtype)) ** (1.0 / len(self.factors))
+        power = 2.0 if GeometrySpec(self.geometry).stores_p else 1.0
+        per = jnp.asarray(scale, real_dtype(self.lipschitz.dtype)) ** (power / len(self.factors))
         factors = tuple(f * per.astype(f.dtype) for f in self.factors)
         out = KronQ(factors, self.lipschitz, None, self.shape, self.dense, self.geometry)
         return out._with_cache(self.cache is not None)
@@ -359,7 +367,10 @@ class KronQ(AbstractPrecond):
         p = jnp.ones((1, 1), compute_dtype(self.factors[0].dtype))
         for f, d in zip(self.factors, self.dense):
             f = f.astype(p.dtype)
-            pi = jnp.conj(f.T) @ f if d else jnp.diag(abs2(f).astype(p.dtype))
+            if GeometrySpec(self.geometry).stores_p:
+                pi = f if d else jnp.diag(f)
+            else:
+                pi = jnp.conj(f.T) @ f if d else jnp.diag(abs2(f).astype(p.dtype))
             p = jnp.kron(p, pi)
         return p
 
