@@ -167,10 +167,12 @@ def dense_lipschitz(t1, t2, key: PRNGKeyArray, normaliser: Normaliser) -> Float[
     With T₂ = c·I this is ℓ(T₁) + c, exactly as the reference writes it. For factored
     (`Outer`) statistics it is the trace, ‖V₁‖² + ‖V₂‖² (the reference's `DenseNewton`).
     """
-    if isinstance(t1, Outer):
+    if isinstance(t1, Outer) and (isinstance(t2, Outer) or t2.ndim == 0):
         rd = real_dtype(t1.vecs.dtype)
         second = t2.trace() if isinstance(t2, Outer) else jnp.real(t2)
         return (t1.trace() + second.astype(rd)).astype(rd)
+    t1 = t1.matrix() if isinstance(t1, Outer) else t1
+    t2 = t2.matrix() if isinstance(t2, Outer) else t2
     if t2.ndim == 0:
         return normaliser.norm_lower_bound(t1, key) + jnp.real(t2).astype(real_dtype(t1.dtype))
     return normaliser.norm_lower_bound(t1 + t2.astype(t1.dtype), key)

@@ -16,6 +16,7 @@ Size-1 axes are squeezed before any rule is applied (a `(1, 64)` bias is a vecto
 """
 
 import dataclasses
+import itertools
 import math
 
 import jax
@@ -24,7 +25,71 @@ from jaxtyping import ArrayLike, PyTree
 
 from ._geometry import canonical_geometry
 from ._numerics import compute_dtype, real_dtype
-from ._precond.kron import squeezed_shape
+
+
+def squeezed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The axes that get a factor: size-1 axes are dropped; a scalar (or all-ones shape) is
+    treated as a length-1 vector with one diagonal factor."""
+    sq = tuple(int(n) for n in shape if n != 1)
+    if not sq:
+        return (1,)
+    return sq
+
+
+def matrix_view(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, int]]:
+    """How an affine preconditioner sees a tensor as a matrix (psgd_jax's rule).
+
+    Scalars and vectors become a `(1, n)` row; matrices stay; a higher-order tensor is
+    transposed and reshaped to the `(m, k)` matrix with the smallest m² + k² (the memory of
+    two dense factors) over all axis orders and split points, the identity order winning
+    ties. Tensors of more than 6 axes only try split points of their own order.
+
+    **Arguments:**
+
+    - `shape`: the parameter's shape.
+
+    **Returns:** `(perm, (m, k))`: transpose the tensor by `perm`, then reshape to `(m, k)`.
+    """
+    shape = tuple(int(n) for n in shape)
+    ident = tuple(range(len(shape)))
+    if len(shape) < 2:
+        return ident, (1, math.prod(shape))
+    if len(shape) == 2:
+        return ident, (shape[0], shape[1])
+    orders = itertools.permutations(ident) if len(shape) <= 6 else [ident]
+    best = None
+    for perm in orders:
+        s = [shape[j] for j in perm]
+        for i in range(1, len(s)):
+            m, k = math.prod(s[:i]), math.prod(s[i:])
+            if best is None or m * m + k * k < best[0]:
+                best = (m * m + k * k, tuple(perm), (m, k))
+    return best[1], best[2]
+
+
+def affine_dense_sides(
+    matrix_shape: tuple[int, int], max_size_triangular: float, max_skew_triangular: float
+) -> tuple[bool, bool]:
+    """psgd_jax's affine rule: a side of size s (the other side t) is diagonal when
+    s < 2, s > `max_size_triangular` or s > `max_skew_triangular`·t; dense otherwise.
+
+    **Arguments:**
+
+    - `matrix_shape`: `(m, k)` from [`psgd_eqx.matrix_view`][].
+    - `max_size_triangular`, `max_skew_triangular`: the rule's thresholds.
+
+    **Returns:** `(left_dense, right_dense)`.
+    """
+    m, k = matrix_shape
+    for name, val in (("max_size_triangular", max_size_triangular),
+                      ("max_skew_triangular", max_skew_triangular)):
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or not val >= 0:
+            raise ValueError(f"`{name}` must be a number >= 0; got {val!r}.")
+
+    def dense(s, t):
+        return not (s < 2 or s > max_size_triangular or s > max_skew_triangular * t)
+
+    return dense(m, k), dense(k, m)
 
 
 MEMORY_SAVE_MODES = (None, "one_diag", "smart_one_diag", "one_triu", "all_diag")

@@ -1,9 +1,30 @@
 import abc
+import math
 
 import equinox as eqx
+import jax
+import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PRNGKeyArray, Shaped
 
 from .._norms import Normaliser
+from .._numerics import all_finite
+
+
+def keep_if_finite(new: "AbstractPrecond", old: "AbstractPrecond") -> "AbstractPrecond":
+    """`new` if all its arrays are finite, else `old`: a fit step on overflowing statistics
+    (1e30 gradients square to inf in f32) is skipped rather than poisoning Q and L."""
+    leaves = [x for x in jax.tree.leaves(new) if hasattr(x, "dtype")]
+    ok = jnp.all(jnp.stack([all_finite(x) for x in leaves])) if leaves else jnp.array(True)
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def check_shape(name: str, want: tuple[int, ...], got: tuple[int, ...]) -> None:
+    if tuple(want) != tuple(got):
+        raise ValueError(f"`{name}` expects shape {tuple(want)}; got {tuple(got)}.")
+
+
+def flat_size(shape: tuple[int, ...]) -> int:
+    return int(math.prod(shape))
 
 
 class AbstractPrecond(eqx.Module):
@@ -75,3 +96,9 @@ class AbstractPrecond(eqx.Module):
 
         **Returns:** an `(N, N)` array, N the parameter's size.
         """
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of preconditioner state (every array field)."""
+        leaves = [x for x in jax.tree.leaves(self) if hasattr(x, "dtype")]
+        return int(sum(x.size * x.dtype.itemsize for x in leaves))

@@ -19,17 +19,9 @@ from .._geometry import (
     maybe_balance,
 )
 from .._norms import Normaliser
+from .._plan import squeezed_shape
 from .._numerics import abs2, all_finite, compute_dtype, promote, real_dtype
 from .base import AbstractPrecond
-
-
-def squeezed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The axes that get a factor: size-1 axes are dropped; a scalar (or all-ones shape) is
-    treated as a length-1 vector with one diagonal factor."""
-    sq = tuple(int(n) for n in shape if n != 1)
-    if not sq:
-        return (1,)
-    return sq
 
 
 def _mode_product(m: Array, x: Array, axis: int) -> Array:

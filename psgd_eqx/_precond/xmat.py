@@ -1,0 +1,225 @@
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
+
+from .._geometry import (
+    canonical_geometry,
+    dense_lipschitz,
+    dense_step,
+    GEOMETRIES,
+    GeometrySpec,
+    Outer,
+)
+from .._norms import Normaliser
+from .._numerics import compute_dtype, promote, real_dtype
+from .base import AbstractPrecond, check_shape, flat_size, keep_if_finite
+from .diag import DiagQ
+
+
+def _pairs(x: Array, m: int) -> Array:
+    """(m, 2) pairs (x_i, x_{n−1−i}) of a flat vector."""
+    return jnp.stack([x[:m], x[::-1][:m]], axis=-1)
+
+
+def _unpairs(y: Array, middle: Array | None) -> Array:
+    parts = [y[:, 0]] + ([] if middle is None else [middle]) + [y[::-1, 1]]
+    return jnp.concatenate(parts)
+
+
+class XMatQ(AbstractPrecond):
+    """X-shaped preconditioner Q = diag(a) + antidiag(b) over a flattened parameter.
+
+    Element i is coupled with its mirror n−1−i only, so (after a permutation) Q is block
+    diagonal with 2×2 blocks [[aᵢ, bᵢ], [b_j, a_j]]; the X-matrices form a group, and each
+    block is fitted with the shared dense geometry rule (one Lipschitz estimate for all
+    blocks, as in psgd_jax). Memory 2n. For odd n the middle element is a 1-element
+    [`psgd_eqx.DiagQ`][].
+
+    The default geometry `"EQ"` is psgd_jax's XMat rule (dQ = E·Q on the full X group,
+    with Q⁻ᴴv from the closed-form 2×2 inverse); every other geometry works per block too.
+    """
+
+    blocks: Shaped[Array, "m 2 2"]
+    lipschitz: Float[Array, ""]
+    middle: DiagQ | None
+    shape: tuple[int, ...] = eqx.field(static=True)
+    geometry: str = eqx.field(static=True)
+
+    def __check_init__(self):
+        n = flat_size(self.shape)
+        if self.blocks.shape != (n // 2, 2, 2):
+            raise ValueError(
+                f"`XMatQ(blocks=...)` must have shape {(n // 2, 2, 2)} for a parameter of "
+                f"shape {self.shape}; got {self.blocks.shape}."
+            )
+        if (self.middle is None) != (n % 2 == 0):
+            raise ValueError("`XMatQ(middle=...)` must be a 1-element DiagQ exactly when n is odd.")
+        if self.geometry not in GEOMETRIES:
+            raise ValueError(f"`XMatQ(geometry=...)` unknown geometry {self.geometry!r}.")
+
+    @classmethod
+    def init(
+        cls,
+        shape: tuple[int, ...] | int,
+        dtype=jnp.float32,
+        *,
+        geometry: str = "EQ",
+        init_scale: float | ArrayLike = 1.0,
+    ) -> "XMatQ":
+        """Q = `init_scale`·I (a = init_scale, b = 0).
+
+        **Arguments:**
+
+        - `shape`: the parameter's shape, or its number of elements n.
+        - `dtype`: storage dtype.
+        - `geometry`: one of [`psgd_eqx.GEOMETRIES`][]; default `"EQ"` (psgd_jax's XMat).
+        - `init_scale`: the scale of Q.
+
+        **Returns:** the preconditioner.
+        """
+        shape = (int(shape),) if isinstance(shape, int) else tuple(int(n) for n in shape)
+        geometry = canonical_geometry(geometry)
+        n = flat_size(shape)
+        if n < 1:
+            raise ValueError(f"`XMatQ` needs a non-empty parameter; got shape {shape}.")
+        scale = jnp.asarray(init_scale, jnp.float32)
+        if GeometrySpec(geometry).stores_p:
+            scale = scale * scale
+        blocks = jnp.broadcast_to(jnp.eye(2, dtype=dtype), (n // 2, 2, 2)) * scale.astype(dtype)
+        middle = None
+        if n % 2:
+            middle = DiagQ.init((1,), dtype, geometry=geometry, init_scale=init_scale)
+        lip = jnp.zeros((), real_dtype(compute_dtype(dtype)))
+        return cls(blocks, lip, middle, shape, geometry)
+
+    @property
+    def a(self) -> Array:
+        """The diagonal of Q (psgd_jax's `a`)."""
+        m = self.blocks.shape[0]
+        mid = None if self.middle is None else self.middle.d
+        return _unpairs(jnp.stack([self.blocks[:, 0, 0], self.blocks[:, 1, 1]], -1)
+                        if m else jnp.zeros((0, 2), self.blocks.dtype), mid)
+
+    @property
+    def b(self) -> Array:
+        """The anti-diagonal of Q (psgd_jax's `b`), read from top to bottom."""
+        m = self.blocks.shape[0]
+        mid = None if self.middle is None else jnp.zeros((1,), self.blocks.dtype)
+        return _unpairs(jnp.stack([self.blocks[:, 0, 1], self.blocks[:, 1, 0]], -1)
+                        if m else jnp.zeros((0, 2), self.blocks.dtype), mid)
+
+    @property
+    def needs_v(self) -> bool:
+        return GeometrySpec(self.geometry).needs_v
+
+    def _p_times(self, blocks: Array, x: Array) -> Array:
+        """P·x for (m, 2) pairs x."""
+        y = jnp.einsum("kab,kb->ka", blocks, x)
+        if GeometrySpec(self.geometry).stores_p:
+            return y
+        return jnp.einsum("kba,kb->ka", jnp.conj(blocks), y)
+
+    def apply(self, g: Shaped[Array, "..."]) -> Shaped[Array, "..."]:
+        """P·g over the flattened parameter.
+
+        **Arguments:**
+
+        - `g`: an array of the parameter's shape.
+
+        **Returns:** P·g with the shape and dtype of `g`.
+        """
+        check_shape("XMatQ.apply", self.shape, g.shape)
+        dtype = promote(self.blocks.dtype, g.dtype)
+        x = g.reshape(-1).astype(dtype)
+        m = self.blocks.shape[0]
+        y = self._p_times(self.blocks.astype(dtype), _pairs(x, m))
+        mid = None if self.middle is None else self.middle.apply(x[m : m + 1])
+        return _unpairs(y, mid).reshape(g.shape).astype(g.dtype)
+
+    def update(
+        self,
+        v: Shaped[Array, "..."] | None,
+        h: Shaped[Array, "..."],
+        *,
+        lr: ArrayLike,
+        key: PRNGKeyArray,
+        normaliser: Normaliser | None = None,
+        balance_probability: float | ArrayLike = 0.01,
+    ) -> "XMatQ":
+        """One step of every 2×2 block with the shared dense geometry rule.
+
+        **Arguments:** as [`psgd_eqx.KronQ.update`][] (`balance_probability` is unused).
+
+        **Returns:** the updated `XMatQ` (unchanged if the step would be non-finite).
+        """
+        del balance_probability
+        normaliser = Normaliser() if normaliser is None else normaliser
+        spec = GeometrySpec(self.geometry)
+        if v is None and spec.needs_v:
+            raise ValueError(f"geometry {self.geometry!r} needs the probe `v` explicitly.")
+        check_shape("XMatQ.update", self.shape, h.shape)
+        cd = compute_dtype(promote(self.blocks.dtype, h.dtype))
+        rd = real_dtype(cd)
+        m = self.blocks.shape[0]
+        blocks = self.blocks.astype(cd)
+        hf = h.reshape(-1).astype(cd)
+        vf = None if v is None else v.reshape(-1).astype(cd)
+        x = _pairs(hf, m)
+        vp = None if vf is None else _pairs(vf, m)
+        k_ell, k_step, k_mid = jax.random.split(key, 3)
+
+        def stats(b, xk, vk):
+            # c = 1: each 2×2 block sees a 2-vector with no other axes to contract.
+            if spec.name == "EQ":
+                inv_h_v = jnp.linalg.solve(jnp.conj(b.T), vk)  # Q⁻ᴴ v, closed-form sized
+                return Outer((b @ xk)[:, None]), Outer(inv_h_v[:, None])
+            pg = self._p_times(b[None], xk[None])[0]
+            if spec.stats_carry_q:
+                t2 = b @ jnp.conj(b.T) if vk is None else Outer((b @ vk)[:, None])
+                return Outer((b @ pg)[:, None]), t2
+            return Outer(pg[:, None]), (jnp.ones((), rd) if vk is None else Outer(vk[:, None]))
+
+        in_v = None if vp is None else 0
+        t1, t2 = jax.vmap(stats, in_axes=(0, 0, in_v))(blocks, x, vp)
+        ells = jax.vmap(lambda a, b: dense_lipschitz(a, b, k_ell, normaliser))(t1, t2)
+        ell = jnp.max(ells) if m else jnp.zeros((), rd)
+        big_l = normaliser.lipschitz(self.lipschitz.astype(rd), ell)
+        eta = jnp.asarray(lr, rd) / jnp.maximum(big_l, jnp.finfo(rd).tiny)
+        new_blocks = jax.vmap(
+            lambda b, a1, a2: dense_step(
+                spec.name, b, a1, a2, eta, k_step, normaliser, triangular=False
+            )
+        )(blocks, t1, t2)
+        middle = self.middle
+        if middle is not None:
+            mid_v = None if vf is None else vf[m : m + 1]
+            middle = middle.update(mid_v, hf[m : m + 1], lr=lr, key=k_mid, normaliser=normaliser)
+        new = XMatQ(new_blocks.astype(self.blocks.dtype), big_l.astype(self.lipschitz.dtype),
+                    middle, self.shape, self.geometry)
+        return keep_if_finite(new, self)
+
+    def rescale(self, scale: ArrayLike) -> "XMatQ":
+        """Q ← scale·Q.
+
+        **Arguments:**
+
+        - `scale`: a positive scalar.
+
+        **Returns:** the rescaled `XMatQ`.
+        """
+        s = jnp.asarray(scale, real_dtype(self.lipschitz.dtype))
+        s2 = s * s if GeometrySpec(self.geometry).stores_p else s
+        middle = None if self.middle is None else self.middle.rescale(s)
+        return XMatQ(self.blocks * s2.astype(self.blocks.dtype), self.lipschitz, middle,
+                     self.shape, self.geometry)
+
+    def as_matrix(self) -> Shaped[Array, "n n"]:
+        """P as a dense matrix over the flattened parameter.
+
+        **Returns:** an `(N, N)` array.
+        """
+        n = flat_size(self.shape)
+        eye = jnp.eye(n, dtype=compute_dtype(self.blocks.dtype))
+        return jax.vmap(lambda col: self.apply(col.reshape(self.shape)).reshape(-1),
+                        in_axes=1, out_axes=1)(eye)
