@@ -2,15 +2,44 @@
 
 import importlib.metadata
 
-from ._alias import kron as kron, scale_by_kron as scale_by_kron
+from ._alias import (
+    affine as affine,
+    dense as dense,
+    diag as diag,
+    kron as kron,
+    lra as lra,
+    psgd as psgd,
+    scale_by_kron as scale_by_kron,
+    xmat as xmat,
+)
 from ._geometry import GEOMETRIES as GEOMETRIES
 from ._norms import Normaliser as Normaliser
-from ._numerics import init_scale_from_grads as init_scale_from_grads
-from ._plan import dense_axes as dense_axes, kron_plan as kron_plan, LeafPlan as LeafPlan
-from ._precond import AbstractPrecond as AbstractPrecond, DiagQ as DiagQ, KronQ as KronQ
-from ._probe import damped_probe as damped_probe
+from ._numerics import (
+    init_scale_from_grads as init_scale_from_grads,
+    init_scale_from_hvp as init_scale_from_hvp,
+)
+from ._plan import (
+    dense_axes as dense_axes,
+    kron_plan as kron_plan,
+    LeafPlan as LeafPlan,
+    matrix_view as matrix_view,
+)
+from ._precond import (
+    AbstractPrecond as AbstractPrecond,
+    AffineQ as AffineQ,
+    DenseQ as DenseQ,
+    DiagQ as DiagQ,
+    KronQ as KronQ,
+    LRAQ as LRAQ,
+    XMatQ as XMatQ,
+)
+from ._probe import (
+    damped_probe as damped_probe,
+    finite_difference_delta as finite_difference_delta,
+    hessian_helper as hessian_helper,
+)
 from ._schedules import precond_update_prob_schedule as precond_update_prob_schedule
-from ._transform import PSGDState as PSGDState, scale_by_psgd as scale_by_psgd
+from ._transform import GLOBAL as GLOBAL, PSGDState as PSGDState, scale_by_psgd as scale_by_psgd
 
 
 __version__ = importlib.metadata.version("psgd_eqx")

@@ -7,11 +7,25 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import ArrayLike, PRNGKeyArray
 
+import jax
+import numpy as np
+
 from ._geometry import canonical_geometry
 from ._numerics import compute_dtype, promote
-from ._plan import dense_axes, validate_structure_rules
-from ._precond.kron import KronQ
-from ._transform import scale_by_psgd
+from ._plan import affine_dense_sides, dense_axes, validate_structure_rules
+from ._precond import AffineQ, DenseQ, DiagQ, KronQ, LRAQ, XMatQ
+from ._transform import GLOBAL, scale_by_psgd
+
+
+def _storage_dtype(param_dtype, precond_dtype):
+    """Preconditioner storage dtype: `precond_dtype` if given (kept complex for complex
+    params), else the params' compute dtype (≥ f32)."""
+    if precond_dtype is None:
+        return compute_dtype(param_dtype)
+    dtype = jnp.dtype(precond_dtype)
+    if jnp.issubdtype(param_dtype, jnp.complexfloating):
+        dtype = promote(dtype, jnp.complex64)
+    return dtype
 
 
 def _fit_target(whiten_grad: bool | None, momentum_into_precond_update: bool | None) -> bool:
@@ -106,14 +120,9 @@ def scale_by_kron(
 
     def structure(path, p):
         del path
-        dtype = compute_dtype(p.dtype)
-        if precond_dtype is not None:
-            dtype = precond_dtype
-            if jnp.issubdtype(p.dtype, jnp.complexfloating):
-                dtype = promote(dtype, jnp.complex64)
         return KronQ.init(
             p.shape,
-            dtype,
+            _storage_dtype(p.dtype, precond_dtype),
             dense=dense_axes(p.shape, **rules),
             geometry=geometry,
             cache_preconditioner=cache_preconditioner,
@@ -201,6 +210,45 @@ def kron(
         params = optax.apply_updates(params, updates)
         ```
     """
+    scale = scale_by_kron(
+        b1=b1,
+        preconditioner_update_probability=preconditioner_update_probability,
+        max_size_triangular=max_size_triangular,
+        min_ndim_triangular=min_ndim_triangular,
+        max_skew_triangular=max_skew_triangular,
+        memory_save_mode=memory_save_mode,
+        preconditioner_lr=preconditioner_lr,
+        preconditioner_init_scale=preconditioner_init_scale,
+        geometry=geometry,
+        mu_dtype=mu_dtype,
+        precond_dtype=precond_dtype,
+        whiten_grad=whiten_grad,
+        momentum_into_precond_update=momentum_into_precond_update,
+        cache_preconditioner=cache_preconditioner,
+        key=key,
+        momentum_warmup=momentum_warmup,
+        bernoulli_refit=bernoulli_refit,
+        damping=damping,
+        lipschitz_beta=lipschitz_beta,
+        norm_bound=norm_bound,
+        norm_bound_k=norm_bound_k,
+        norm_bound_iters=norm_bound_iters,
+        balance_probability=balance_probability,
+        update_preconditioner_first=update_preconditioner_first,
+        grad_clip_max_amp=grad_clip_max_amp,
+        grad_clip_max_element=grad_clip_max_element,
+    )
+    return _with_lr_and_decay(scale, learning_rate, weight_decay, weight_decay_mask)
+
+
+def _with_lr_and_decay(
+    scale: optax.GradientTransformationExtraArgs,
+    learning_rate,
+    weight_decay,
+    weight_decay_mask,
+    global_norm_clip=None,
+) -> optax.GradientTransformationExtraArgs:
+    """chain(scale, [clip_by_global_norm], [add_decayed_weights], scale_by_learning_rate)."""
     from ._transform import concrete
 
     if concrete(weight_decay) is not None and not concrete(weight_decay) >= 0:
@@ -209,39 +257,291 @@ def kron(
         concrete(learning_rate) >= 0
     ):
         raise ValueError(f"`learning_rate` must be >= 0; got {learning_rate!r}.")
-    parts = [
-        scale_by_kron(
-            b1=b1,
-            preconditioner_update_probability=preconditioner_update_probability,
-            max_size_triangular=max_size_triangular,
-            min_ndim_triangular=min_ndim_triangular,
-            max_skew_triangular=max_skew_triangular,
-            memory_save_mode=memory_save_mode,
-            preconditioner_lr=preconditioner_lr,
-            preconditioner_init_scale=preconditioner_init_scale,
-            geometry=geometry,
-            mu_dtype=mu_dtype,
-            precond_dtype=precond_dtype,
-            whiten_grad=whiten_grad,
-            momentum_into_precond_update=momentum_into_precond_update,
-            cache_preconditioner=cache_preconditioner,
-            key=key,
-            momentum_warmup=momentum_warmup,
-            bernoulli_refit=bernoulli_refit,
-            damping=damping,
-            lipschitz_beta=lipschitz_beta,
-            norm_bound=norm_bound,
-            norm_bound_k=norm_bound_k,
-            norm_bound_iters=norm_bound_iters,
-            balance_probability=balance_probability,
-            update_preconditioner_first=update_preconditioner_first,
-            grad_clip_max_amp=grad_clip_max_amp,
-            grad_clip_max_element=grad_clip_max_element,
-        )
-    ]
+    parts = [scale]
+    if global_norm_clip is not None:
+        if not global_norm_clip > 0:
+            raise ValueError(f"`update_global_norm_clip` must be > 0; got {global_norm_clip!r}.")
+        parts.append(optax.clip_by_global_norm(global_norm_clip))
     # Skip the no-op decay only for a Python 0: an array (inject_hyperparams) must give the
     # same chain at init (concrete) and in update (traced).
     if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
         parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
     parts.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(*parts)
+
+
+# psgd_jax's names for the same settings (xmat / low_rank_approximation / affine).
+_RENAMED = {
+    "precond_lr": "preconditioner_lr",
+    "precond_init_scale": "preconditioner_init_scale",
+    "seed": "key",
+}
+# psgd_jax options we implement differently: accepted at their psgd_jax default only.
+_FIXED_LEGACY = {"step_normalizer_order": "2nd", "precision": "tensorfloat32", "nesterov": False}
+
+
+def _legacy_kwargs(kwargs: dict) -> dict:
+    """Map psgd_jax argument names onto ours; reject settings we cannot honour."""
+    out = dict(kwargs)
+    for old, new in _RENAMED.items():
+        if old in out:
+            if new in out:
+                raise ValueError(f"pass only one of `{old}` and `{new}`.")
+            value = out.pop(old)
+            if not (new == "key" and value is None):
+                out[new] = value
+    for name, ok in _FIXED_LEGACY.items():
+        if name in out:
+            value = out.pop(name)
+            if value != ok:
+                raise ValueError(
+                    f"`{name}={value!r}` is not supported (psgd_eqx always uses the "
+                    f"equivalent of {ok!r}: a Lipschitz-normalised step in ≥ f32)."
+                )
+    return out
+
+
+def psgd(
+    learning_rate: optax.ScalarOrSchedule,
+    structure: Callable[[Any, Any], Any],
+    *,
+    global_structure: Callable[[int, Any], Any] | None = None,
+    weight_decay: ArrayLike = 0.0,
+    weight_decay_mask: Any = None,
+    update_global_norm_clip: float | None = None,
+    **kwargs,
+) -> optax.GradientTransformationExtraArgs:
+    """The generic PSGD optimizer: your own preconditioner structure per leaf.
+
+    `optax.chain(scale_by_psgd(structure, ...), [clip_by_global_norm],
+    [add_decayed_weights], scale_by_learning_rate(learning_rate))`.
+
+    **Arguments:**
+
+    - `learning_rate`: a float or an optax schedule.
+    - `structure`: `structure(path, leaf)` → a preconditioner, `None` (plain momentum) or
+        [`psgd_eqx.GLOBAL`][]; see [`psgd_eqx.scale_by_psgd`][].
+    - `global_structure`: `global_structure(n, dtype)` → the global group's
+        preconditioner.
+    - `weight_decay`, `weight_decay_mask`: decoupled (lr-scaled) weight decay, as
+        `optax.adamw`.
+    - `update_global_norm_clip`: clip the preconditioned update's global norm (psgd_jax's
+        option; `None` = off).
+    - `**kwargs`: every other option of [`psgd_eqx.scale_by_psgd`][] (psgd_jax's
+        `precond_lr`, `precond_init_scale` and `seed` are accepted as aliases).
+
+    **Returns:** an `optax.GradientTransformationExtraArgs`.
+
+    !!! Example
+
+        ```python
+        def structure(path, leaf):
+            name = jax.tree_util.keystr(path)
+            if "embed" in name:
+                return psgd_eqx.DiagQ.init(leaf.shape)
+            if leaf.ndim == 2:
+                return psgd_eqx.KronQ.init(leaf.shape)
+            return psgd_eqx.GLOBAL  # everything else shares one dense Q
+
+        opt = psgd_eqx.psgd(1e-3, structure,
+                            global_structure=lambda n, dt: psgd_eqx.DenseQ.init(n, dt))
+        ```
+    """
+    kwargs = _legacy_kwargs(kwargs)
+    scale = scale_by_psgd(structure, global_structure=global_structure, **kwargs)
+    return _with_lr_and_decay(
+        scale, learning_rate, weight_decay, weight_decay_mask, update_global_norm_clip
+    )
+
+
+def _flat_alias(
+    make: Callable[[tuple[int, ...], Any], Any],
+    learning_rate,
+    per_leaf: bool,
+    precond_dtype,
+    defaults: dict,
+    kwargs: dict,
+) -> optax.GradientTransformationExtraArgs:
+    """An alias whose structure is one `make(shape, dtype)` per leaf or over all leaves."""
+    if "mask" in kwargs:  # psgd_jax's name for the weight-decay mask
+        if "weight_decay_mask" in kwargs:
+            raise ValueError("pass only one of `mask` and `weight_decay_mask`.")
+        kwargs["weight_decay_mask"] = kwargs.pop("mask")
+    kwargs = {**defaults, **kwargs}
+
+    def structure(path, p):
+        del path
+        if per_leaf:
+            return make(p.shape, _storage_dtype(p.dtype, precond_dtype))
+        return GLOBAL
+
+    def global_structure(n, dtype):
+        return make((n,), _storage_dtype(dtype, precond_dtype))
+
+    return psgd(learning_rate, structure, global_structure=global_structure, **kwargs)
+
+
+# psgd_jax's defaults for its xmat / LRA / affine optimizers: no update clipping.
+_PSGD_JAX_DEFAULTS = dict(grad_clip_max_amp=None, grad_clip_max_element=None)
+
+
+def xmat(
+    learning_rate: optax.ScalarOrSchedule = 0.01,
+    *,
+    geometry: str = "EQ",
+    per_leaf: bool = False,
+    precond_dtype=None,
+    **kwargs,
+) -> optax.GradientTransformationExtraArgs:
+    """PSGD with the X-shaped preconditioner [`psgd_eqx.XMatQ`][] (psgd_jax's `xmat`).
+
+    One global X-matrix over all parameters (memory 2n), or one per leaf.
+
+    **Arguments:**
+
+    - `learning_rate`: a float or schedule (psgd_jax's default 0.01).
+    - `geometry`: `"EQ"` (psgd_jax's XMat rule) or any of [`psgd_eqx.GEOMETRIES`][].
+    - `per_leaf`: one preconditioner per leaf instead of one over all leaves.
+    - `precond_dtype`: storage dtype (default f32, or the params' if wider).
+    - `**kwargs`: the options of [`psgd_eqx.psgd`][] / [`psgd_eqx.scale_by_psgd`][] and
+        psgd_jax's names (`b1`, `preconditioner_update_probability`, `precond_lr`,
+        `precond_init_scale`, `mask`, `seed`, `update_global_norm_clip`, ...). Update
+        clipping is off by default, as in psgd_jax.
+
+    **Returns:** an `optax.GradientTransformationExtraArgs`; pass `Hvp=`, `vector=`,
+    `update_preconditioner=` to `update` for Newton fitting (see
+    [`psgd_eqx.hessian_helper`][]).
+    """
+    geometry = canonical_geometry(geometry)
+    return _flat_alias(
+        lambda shape, dt: XMatQ.init(shape, dt, geometry=geometry),
+        learning_rate, per_leaf, precond_dtype, _PSGD_JAX_DEFAULTS, kwargs,
+    )
+
+
+def lra(
+    learning_rate: optax.ScalarOrSchedule = 0.01,
+    *,
+    rank: int = 10,
+    per_leaf: bool = False,
+    precond_dtype=None,
+    **kwargs,
+) -> optax.GradientTransformationExtraArgs:
+    """PSGD with the low-rank-approximation preconditioner [`psgd_eqx.LRAQ`][]
+    (psgd_jax's `low_rank_approximation`, the reference's `LRAWhiten`/`LRANewton`).
+
+    **Arguments:**
+
+    - `learning_rate`: a float or schedule (psgd_jax's default 0.01).
+    - `rank`: r of Q = (I + UVᵀ)diag(d) (psgd_jax's `uvd_rank_of_approximation`, also
+        accepted); memory n·(2r + 1). Capped at n − 1 for small parameters.
+    - `per_leaf`: one preconditioner per leaf instead of one over all leaves.
+    - `precond_dtype`: storage dtype (real).
+    - `**kwargs`: as [`psgd_eqx.xmat`][].
+
+    **Returns:** an `optax.GradientTransformationExtraArgs`.
+    """
+    if "uvd_rank_of_approximation" in kwargs:
+        rank = kwargs.pop("uvd_rank_of_approximation")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ValueError(f"`rank` must be an int >= 0; got {rank!r}.")
+    counter = iter(range(1 << 30))
+
+    def make(shape, dt):
+        n = int(np.prod(shape))
+        # distinct U, V draws per leaf; the seed of the optimizer is not needed here
+        return LRAQ.init(shape, dt, rank=min(rank, max(n - 1, 0)),
+                         key=jax.random.PRNGKey(next(counter)))
+
+    return _flat_alias(make, learning_rate, per_leaf, precond_dtype, _PSGD_JAX_DEFAULTS, kwargs)
+
+
+def dense(
+    learning_rate: optax.ScalarOrSchedule = 0.01,
+    *,
+    geometry: str = "PRO",
+    per_leaf: bool = False,
+    precond_dtype=None,
+    **kwargs,
+) -> optax.GradientTransformationExtraArgs:
+    """PSGD with one dense [`psgd_eqx.DenseQ`][] over all parameters (the reference's
+    `DenseNewton`, a BFGS alternative for up to ~10⁴ parameters), or one per leaf.
+
+    **Arguments:**
+
+    - `learning_rate`: a float or schedule (the reference's 0.01; 1.0 with Newton fitting
+        on smooth problems).
+    - `geometry`: any of [`psgd_eqx.GEOMETRIES`][] (default `"PRO"`, the reference's).
+    - `per_leaf`: one preconditioner per leaf instead of one over all leaves.
+    - `precond_dtype`: storage dtype.
+    - `**kwargs`: as [`psgd_eqx.xmat`][]; clipping is off by default (the reference's
+        `grad_clip_max_norm=inf`).
+
+    **Returns:** an `optax.GradientTransformationExtraArgs`.
+    """
+    geometry = canonical_geometry(geometry)
+    return _flat_alias(
+        lambda shape, dt: DenseQ.init(shape, dt, geometry=geometry),
+        learning_rate, per_leaf, precond_dtype, _PSGD_JAX_DEFAULTS, kwargs,
+    )
+
+
+def affine(
+    learning_rate: optax.ScalarOrSchedule = 0.01,
+    *,
+    max_size_triangular: float = 4096,
+    max_skew_triangular: float = 128,
+    geometry: str = "PRO",
+    precond_dtype=None,
+    **kwargs,
+) -> optax.GradientTransformationExtraArgs:
+    """PSGD with an affine (left ⊗ right) preconditioner per leaf, [`psgd_eqx.AffineQ`][]
+    (psgd_jax's `affine`).
+
+    **Arguments:**
+
+    - `learning_rate`: a float or schedule (psgd_jax's default 0.01).
+    - `max_size_triangular`, `max_skew_triangular`: a side is diagonal when longer than
+        `max_size_triangular` or `max_skew_triangular` times the other (psgd_jax's 4096,
+        128; set both to 0 for an all-diagonal preconditioner).
+    - `geometry`: any of [`psgd_eqx.GEOMETRIES`][] (`"EQ"` is psgd_jax's rule).
+    - `precond_dtype`: storage dtype.
+    - `**kwargs`: as [`psgd_eqx.xmat`][].
+
+    **Returns:** an `optax.GradientTransformationExtraArgs`.
+    """
+    geometry = canonical_geometry(geometry)
+    affine_dense_sides((2, 2), max_size_triangular, max_skew_triangular)  # validates
+    return _flat_alias(
+        lambda shape, dt: AffineQ.init(
+            shape, dt, max_size_triangular=max_size_triangular,
+            max_skew_triangular=max_skew_triangular, geometry=geometry,
+        ),
+        learning_rate, True, precond_dtype, _PSGD_JAX_DEFAULTS, kwargs,
+    )
+
+
+def diag(
+    learning_rate: optax.ScalarOrSchedule = 1e-3,
+    *,
+    geometry: str = "PRO",
+    precond_dtype=None,
+    **kwargs,
+) -> optax.GradientTransformationExtraArgs:
+    """PSGD with an element-wise diagonal [`psgd_eqx.DiagQ`][] per leaf: Adam's memory,
+    a Lie-group fit of the inverse 4th root of E[g²] instead of an EMA.
+
+    **Arguments:**
+
+    - `learning_rate`: a float or schedule (1e-3, as `kron`: whitening gives Adam's scale).
+    - `geometry`: `"PRO"` (any geometry but `QUAD`/`QUAD4P` gives the same diagonal step).
+    - `precond_dtype`: storage dtype.
+    - `**kwargs`: as [`psgd_eqx.psgd`][]; clipping defaults are `kron`'s (RMS 2, element 10).
+
+    **Returns:** an `optax.GradientTransformationExtraArgs`.
+    """
+    geometry = canonical_geometry(geometry)
+    return _flat_alias(
+        lambda shape, dt: DiagQ.init(shape, dt, geometry=geometry),
+        learning_rate, True, precond_dtype, {}, kwargs,
+    )

@@ -101,3 +101,32 @@ def init_scale_from_grads(
     scale = jnp.exp(-log_total / 8.0)
     ok = jnp.any(jnp.stack(any_nonzero)) & jnp.isfinite(scale) & tree_all_finite(leaves)
     return jnp.where(ok, scale, jnp.ones((), jnp.float32))
+
+
+def _log_sum_abs2(leaves: list[Array]) -> Float[Array, ""]:
+    """log Σ|x|² over all leaves, in f32 and overflow-safe (max-abs factored out)."""
+    logs = []
+    for x in leaves:
+        a = jnp.abs(x).astype(jnp.float32)
+        m = jnp.max(a)
+        safe_m = jnp.where(m > 0, m, 1.0)
+        r = jnp.sum(jnp.square(a / safe_m))
+        logs.append(jnp.where(m > 0, 2.0 * jnp.log(safe_m) + jnp.log(r), -jnp.inf))
+    return jax.scipy.special.logsumexp(jnp.stack(logs))
+
+
+def init_scale_from_hvp(vectors: PyTree[Array], hvps: PyTree[Array]) -> Float[Array, ""]:
+    """The Newton-fit init scale (Σ|v|² / Σ|Hv|²)^(1/4), global over all leaves, in f32.
+
+    Q = scale·I then gives P = scale²·I = H⁻¹ exactly when H = c·I (psgd_jax's rule, which
+    makes a quadratic converge in one step). Falls back to 1.0 when Hv is zero or anything
+    is non-finite.
+    """
+    vs = [x for x in jax.tree.leaves(vectors) if x.size > 0]
+    hs = [x for x in jax.tree.leaves(hvps) if x.size > 0]
+    if not vs or not hs:
+        return jnp.ones((), jnp.float32)
+    log_ratio = _log_sum_abs2(vs) - _log_sum_abs2(hs)
+    scale = jnp.exp(0.25 * log_ratio)
+    ok = jnp.isfinite(scale) & (scale > 0) & tree_all_finite(vs) & tree_all_finite(hs)
+    return jnp.where(ok, scale, jnp.ones((), jnp.float32))

@@ -25,6 +25,7 @@ from ._numerics import (
     abs2,
     compute_dtype,
     init_scale_from_grads,
+    init_scale_from_hvp,
     promote,
     real_dtype,
     safe_rms,
@@ -50,7 +51,11 @@ class PSGDState(eqx.Module):
     - `refit_accumulator`: the deterministic schedule's accumulated refit probability
         (a refit fires when it reaches 1, so the refit rate equals the probability).
     - `refits`: number of refits done so far (int32), handy for logging.
+    - `global_precond`: the one preconditioner over the concatenation of every leaf that
+        `structure` mapped to [`psgd_eqx.GLOBAL`][] (`None` if there is none).
     - `normaliser`: the (static) step-size normaliser configuration fixed at `init`.
+    - `global_mask`: (static) per leaf, in flattening order, whether it is in the global
+        group.
     """
 
     count: Int[Array, ""]
@@ -59,7 +64,14 @@ class PSGDState(eqx.Module):
     precond: PyTree
     refit_accumulator: Float[Array, ""]
     refits: Int[Array, ""]
-    normaliser: Normaliser = eqx.field(static=True)
+    global_precond: AbstractPrecond | None = None
+    normaliser: Normaliser = eqx.field(static=True, default=Normaliser())
+    global_mask: tuple[bool, ...] = eqx.field(static=True, default=())
+
+
+GLOBAL = "global"
+"""Return this from a `structure` callable to put a leaf into the global group: one
+preconditioner (built by `global_structure`) over the concatenation of all such leaves."""
 
 
 def _is_precond_leaf(x) -> bool:
@@ -106,6 +118,21 @@ def _validate_number(name: str, value, lo: float, hi: float, lo_open=False, hi_o
         raise ValueError(f"`{name}` must be in {lb}{lo}, {hi}{rb}; got {value!r}.")
 
 
+def _concat(leaves: list[Array]) -> Array:
+    """Row-major flattening of several leaves into one vector, in their common dtype."""
+    dtype = promote(*(x.dtype for x in leaves))
+    return jnp.concatenate([x.reshape(-1).astype(dtype) for x in leaves])
+
+
+def _split(flat: Array, like: list[Array]) -> list[Array]:
+    """Inverse of `_concat`: pieces with the shapes and dtypes of `like`."""
+    out, start = [], 0
+    for x in like:
+        out.append(flat[start : start + x.size].reshape(x.shape).astype(x.dtype))
+        start += x.size
+    return out
+
+
 def _clip(u: Array, max_rms, max_element) -> Array:
     if max_rms is not None:
         rms = safe_rms(u)
@@ -124,8 +151,9 @@ def _clip(u: Array, max_rms, max_element) -> Array:
 
 
 def scale_by_psgd(
-    structure: Callable[[Any, Array], AbstractPrecond | None],
+    structure: Callable[[Any, Array], AbstractPrecond | str | None],
     *,
+    global_structure: Callable[[int, Any], AbstractPrecond] | None = None,
     b1: ArrayLike = 0.9,
     momentum_warmup: bool = False,
     whiten_grad: bool = True,
@@ -150,8 +178,12 @@ def scale_by_psgd(
     **Arguments:**
 
     - `structure`: called once per parameter leaf as `structure(path, leaf)` at `init`;
-        returns the leaf's initial preconditioner (e.g. `KronQ.init(...)`) or `None` for
-        plain momentum (P = I) on that leaf.
+        returns the leaf's initial preconditioner (e.g. `KronQ.init(leaf.shape)`), `None`
+        for plain momentum (P = I) on that leaf, or [`psgd_eqx.GLOBAL`][] to put the leaf
+        into the global group.
+    - `global_structure`: `global_structure(n, dtype)` builds the one preconditioner over
+        the flattened concatenation (n elements, in flattening order) of the global group,
+        e.g. `lambda n, dtype: LRAQ.init(n, dtype)`. Needed iff a leaf is `GLOBAL`.
     - `b1`: momentum EMA factor (0 disables momentum; no buffer is kept).
     - `momentum_warmup`: `False` (default): bias-corrected EMA m/(1 − b1ᵗ) as optax;
         `True`: the reference's EMA with βₜ = min(t/(t+1), b1) and no correction.
@@ -164,9 +196,10 @@ def scale_by_psgd(
         probability reaches 1 (rate exactly p, no variance); `True`: an independent
         Bernoulli(p) draw per step. The first step always refits.
     - `preconditioner_lr`: μ, a constant or a schedule of the step count.
-    - `preconditioner_init_scale`: `None` = data-driven global scale from the first
-        gradient, (maxᵢ mean|gᵢ|⁴ + δ⁴)^(−1/8) (falls back to 1.0 for zero or non-finite
-        gradients); a number = that fixed scale.
+    - `preconditioner_init_scale`: `None` = data-driven global scale at the first step:
+        (maxᵢ mean|gᵢ|⁴ + δ⁴)^(−1/8) for whitening, (Σ|v|²/Σ|Hv|²)^(1/4) for Newton
+        fitting (exact for H = c·I); falls back to 1.0 for zero or non-finite inputs. A
+        number = that fixed scale.
     - `damping`: δ of the damping noise (δ + eps·|x|)⊙v.
     - `lipschitz_beta`: β_L of the Lipschitz EMA (0 = instantaneous normaliser).
     - `norm_bound`, `norm_bound_k`, `norm_bound_iters`: the spectral-norm lower bound
@@ -229,20 +262,47 @@ def scale_by_psgd(
         # it to an f32 array) build identical static state.
         normaliser = Normaliser(float(np.float32(beta_l)), norm_bound, int(k), int(iters))
         leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
-        preconds = []
+        preconds, mask = [], []
         for path, p in leaves_with_path:
             q = structure(path, p)
+            is_global = isinstance(q, str)
+            if is_global and q != GLOBAL:
+                raise ValueError(
+                    f"`structure` returned {q!r} for {jax.tree_util.keystr(path)}; expected a "
+                    f"preconditioner, None or psgd_eqx.GLOBAL ({GLOBAL!r})."
+                )
+            if is_global:
+                q = None
+            elif q is not None and not isinstance(q, AbstractPrecond):
+                raise ValueError(
+                    f"`structure` returned {type(q).__name__} for "
+                    f"{jax.tree_util.keystr(path)}; expected an AbstractPrecond, None or GLOBAL."
+                )
             if q is not None and not data_driven_init:
                 q = q.rescale(preconditioner_init_scale)
             preconds.append(q)
+            mask.append(is_global)
         precond = jax.tree_util.tree_unflatten(treedef, preconds)
+        gq = None
+        if any(mask):
+            if global_structure is None:
+                raise ValueError(
+                    "`structure` put leaves into the GLOBAL group but `global_structure` is None."
+                )
+            glob = [p for (_, p), m in zip(leaves_with_path, mask) if m]
+            n = sum(int(np.prod(p.shape)) for p in glob)
+            gq = global_structure(n, promote(*(p.dtype for p in glob)))
+            if not data_driven_init:
+                gq = gq.rescale(preconditioner_init_scale)
         mu = None
         if concrete(b1) != 0:
             mu = jax.tree.map(lambda p: jnp.zeros(p.shape, mu_dtype or p.dtype), params)
         # Separate buffers per field, so a jitted step can donate the whole state.
         count, refits = jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32)
         acc = jnp.zeros([], jnp.float32)
-        return PSGDState(count, _as_key(key), mu, precond, acc, refits, normaliser)
+        return PSGDState(
+            count, _as_key(key), mu, precond, acc, refits, gq, normaliser, tuple(mask)
+        )
 
     def update_fn(
         updates,
@@ -314,56 +374,76 @@ def scale_by_psgd(
             if not bernoulli_refit:
                 acc = jnp.where(do_refit, jnp.maximum(acc - 1.0, 0.0), acc)
 
-        # data-driven init: Q = scale·I from the first gradient, inside jit
+        gmask = state.global_mask or (False,) * len(g_leaves)
+        gidx = [i for i, m in enumerate(gmask) if m]
+        gq = state.global_precond
+
+        # data-driven init: Q = scale·I from the first gradient (or (v, Hv) pair), in jit
         if data_driven_init:
-            source = fit_leaves if newton else g_leaves
 
-            def _rescale(qs):
-                scale = init_scale_from_grads(source, damping)
-                return [None if q is None else q.rescale(scale) for q in qs]
+            def _rescale(qs_gq):
+                qs, g = qs_gq
+                if newton:
+                    scale = init_scale_from_hvp(v_leaves, fit_leaves)
+                else:
+                    scale = init_scale_from_grads(g_leaves, damping)
+                qs = [None if q is None else q.rescale(scale) for q in qs]
+                return qs, (None if g is None else g.rescale(scale))
 
-            q_leaves = jax.lax.cond(count == 0, _rescale, lambda qs: list(qs), list(q_leaves))
+            q_leaves, gq = jax.lax.cond(
+                count == 0, _rescale, lambda x: (list(x[0]), x[1]), (list(q_leaves), gq)
+            )
 
         plr = plr_fn(count)
 
-        def refit(qs):
-            keys = jax.random.split(k_refit, max(len(qs), 1))
+        def refit(qs_gq):
+            qs, g = qs_gq
+            keys = jax.random.split(k_refit, len(qs) + 1)
             out = []
             for i, (q, x, v) in enumerate(zip(qs, fit_leaves, v_leaves)):
                 if q is None:
                     out.append(None)
                     continue
-                k_probe, k_step = jax.random.split(keys[i])
-                vv, hh = damped_probe(k_probe, x, damping, v)
-                pass_v = vv if (newton or q.needs_v) else None
-                out.append(
-                    q.update(
-                        pass_v,
-                        hh,
-                        lr=plr,
-                        key=k_step,
-                        normaliser=normaliser,
-                        balance_probability=balance_probability,
-                    )
-                )
-            return out
+                out.append(_fit(q, keys[i], x, v))
+            if g is not None:
+                x = _concat([fit_leaves[i] for i in gidx])
+                v = None if not newton else _concat([v_leaves[i] for i in gidx])
+                g = _fit(g, keys[-1], x, v)
+            return out, g
 
-        def maybe_refit(qs):
-            return jax.lax.cond(do_refit, refit, lambda qs: list(qs), list(qs))
+        def _fit(q, key, x, v):
+            k_probe, k_step = jax.random.split(key)
+            vv, hh = damped_probe(k_probe, x, damping, v)
+            pass_v = vv if (newton or q.needs_v) else None
+            return q.update(
+                pass_v,
+                hh,
+                lr=plr,
+                key=k_step,
+                normaliser=normaliser,
+                balance_probability=balance_probability,
+            )
 
-        def precondition(qs):
-            out = []
-            for q, m in zip(qs, m_hat):
-                u = m if q is None else q.apply(m)
-                out.append(_clip(u, grad_clip_max_amp, grad_clip_max_element))
-            return out
+        def maybe_refit(qs_gq):
+            return jax.lax.cond(
+                do_refit, refit, lambda x: (list(x[0]), x[1]), (list(qs_gq[0]), qs_gq[1])
+            )
+
+        def precondition(qs_gq):
+            qs, g = qs_gq
+            us = [m if q is None else q.apply(m) for q, m in zip(qs, m_hat)]
+            if g is not None:
+                flat = g.apply(_concat([m_hat[i] for i in gidx]))
+                for i, u in zip(gidx, _split(flat, [m_hat[i] for i in gidx])):
+                    us[i] = u
+            return [_clip(u, grad_clip_max_amp, grad_clip_max_element) for u in us]
 
         if update_preconditioner_first:
-            q_leaves = maybe_refit(q_leaves)
-            out = precondition(q_leaves)
+            q_leaves, gq = maybe_refit((q_leaves, gq))
+            out = precondition((q_leaves, gq))
         else:
-            out = precondition(q_leaves)
-            q_leaves = maybe_refit(q_leaves)
+            out = precondition((q_leaves, gq))
+            q_leaves, gq = maybe_refit((q_leaves, gq))
 
         new_state = PSGDState(
             count=optax.safe_increment(count),
@@ -372,7 +452,9 @@ def scale_by_psgd(
             precond=jax.tree.unflatten(treedef, q_leaves),
             refit_accumulator=acc,
             refits=state.refits + do_refit.astype(jnp.int32),
+            global_precond=gq,
             normaliser=normaliser,
+            global_mask=state.global_mask,
         )
         return jax.tree.unflatten(treedef, out), new_state
 

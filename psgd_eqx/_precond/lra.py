@@ -54,7 +54,7 @@ class LRAQ(AbstractPrecond):
         init_scale: float | ArrayLike = 1.0,
         key: PRNGKeyArray | None = None,
     ) -> "LRAQ":
-        """Q ≈ `init_scale`·I: d = init_scale, U and V small random (‖UVᵀ‖ ≪ 1).
+        """Q = `init_scale`·I: d = init_scale, U small random, V = 0.
 
         **Arguments:**
 
@@ -62,7 +62,7 @@ class LRAQ(AbstractPrecond):
         - `dtype`: storage dtype (real).
         - `rank`: r, the rank of the low-rank part, `0 <= rank < n` (0: diagonal).
         - `init_scale`: the initial scale of Q.
-        - `key`: randomness for U and V (default `PRNGKey(0)`).
+        - `key`: randomness for U (default `PRNGKey(0)`).
 
         **Returns:** the preconditioner.
         """
@@ -73,11 +73,13 @@ class LRAQ(AbstractPrecond):
         if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < max(n, 1):
             raise ValueError(f"`rank` must be an int in [0, {n}) for n = {n}; got {rank!r}.")
         key = jax.random.PRNGKey(0) if key is None else key
-        ku, kv = jax.random.split(key)
-        # psgd_jax's scale: UVᵀ has entries of order 1/(n(r + 10)), far from singular.
-        s = 1.0 / (n * (rank + 10)) ** 0.5
-        u = (jax.random.normal(ku, (n, rank), jnp.float32) * s).astype(dtype)
-        v = (jax.random.normal(kv, (n, rank), jnp.float32) * s).astype(dtype)
+        # ‖U‖_F = √0.1 as the reference, but V = 0 (the reference draws V like U): Q is
+        # then exactly init_scale·I, and the first V step moves along (aaᵀ − bbᵀ)U, the
+        # fit's gradient projected on U's span. U and V are rebalanced once V is non-zero.
+        u = jax.random.normal(key, (n, rank), jnp.float32)
+        u = u * (0.1**0.5 / jnp.maximum(jnp.linalg.norm(u), 1e-30))
+        u = u.astype(dtype)
+        v = jnp.zeros((n, rank), dtype)
         d = jnp.full((n,), jnp.asarray(init_scale, jnp.float32).astype(dtype), dtype)
         return cls(u, v, d, jnp.zeros((3,), real_dtype(compute_dtype(dtype))), shape)
 
