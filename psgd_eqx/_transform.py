@@ -301,7 +301,10 @@ def scale_by_psgd(
         count, refits = jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32)
         acc = jnp.zeros([], jnp.float32)
         return PSGDState(
-            count, _as_key(key), mu, precond, acc, refits, gq, normaliser, tuple(mask)
+            # () when nothing is global: the state's static metadata then does not depend
+            # on the number of leaves (optax.tree.map_params inits on a leafless tree).
+            count, _as_key(key), mu, precond, acc, refits, gq, normaliser,
+            tuple(mask) if any(mask) else (),
         )
 
     def update_fn(
