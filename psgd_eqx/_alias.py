@@ -1,5 +1,6 @@
 """User-facing optimizers: structure rule + `scale_by_psgd` + weight decay + learning rate."""
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -280,20 +281,42 @@ _RENAMED = {
 _FIXED_LEGACY = {"step_normalizer_order": "2nd", "precision": "tensorfloat32", "nesterov": False}
 
 
+def _is_default(name: str, value) -> bool:
+    """Whether `value` is `scale_by_psgd`'s default for `name` (also as an f32 array, the
+    form `optax.inject_hyperparams` gives it)."""
+    from ._transform import concrete
+
+    default = inspect.signature(scale_by_psgd).parameters[name].default
+    if value is None or default is None or isinstance(value, (str, bool)):
+        return value is default or value == default
+    value = concrete(value)
+    if value is None:  # traced (inject_hyperparams inside jit): checked at init already
+        return True
+    try:
+        return bool(np.isclose(value, default, rtol=1e-6))
+    except TypeError:
+        return False
+
+
 def _legacy_kwargs(kwargs: dict) -> dict:
-    """Map psgd_jax argument names onto ours; reject settings we cannot honour."""
+    """Map psgd_jax argument names onto ours; reject settings we cannot honour.
+
+    A legacy name set to `None` counts as absent (that is its default in the aliases'
+    signatures, which `optax.inject_hyperparams` passes explicitly).
+    """
     out = dict(kwargs)
     for old, new in _RENAMED.items():
         if old in out:
-            if new in out:
-                raise ValueError(f"pass only one of `{old}` and `{new}`.")
             value = out.pop(old)
-            if not (new == "key" and value is None):
-                out[new] = value
+            if value is None:
+                continue
+            if new in out and not _is_default(new, out[new]):
+                raise ValueError(f"pass only one of `{old}` and `{new}`.")
+            out[new] = value
     for name, ok in _FIXED_LEGACY.items():
         if name in out:
             value = out.pop(name)
-            if value != ok:
+            if value is not None and value != ok:
                 raise ValueError(
                     f"`{name}={value!r}` is not supported (psgd_eqx always uses the "
                     f"equivalent of {ok!r}: a Lipschitz-normalised step in ≥ f32)."
@@ -363,10 +386,11 @@ def _flat_alias(
     kwargs: dict,
 ) -> optax.GradientTransformationExtraArgs:
     """An alias whose structure is one `make(shape, dtype)` per leaf or over all leaves."""
-    if "mask" in kwargs:  # psgd_jax's name for the weight-decay mask
-        if "weight_decay_mask" in kwargs:
+    mask = kwargs.pop("mask", None)  # psgd_jax's name for the weight-decay mask
+    if mask is not None:
+        if kwargs.get("weight_decay_mask") is not None:
             raise ValueError("pass only one of `mask` and `weight_decay_mask`.")
-        kwargs["weight_decay_mask"] = kwargs.pop("mask")
+        kwargs["weight_decay_mask"] = mask
     kwargs = {**defaults, **kwargs}
 
     def structure(path, p):
@@ -441,10 +465,17 @@ def lra(
 
     **Returns:** an `optax.GradientTransformationExtraArgs`.
     """
-    if "uvd_rank_of_approximation" in kwargs:
-        rank = kwargs.pop("uvd_rank_of_approximation")
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-        raise ValueError(f"`rank` must be an int >= 0; got {rank!r}.")
+    from ._transform import concrete
+
+    legacy_rank = kwargs.pop("uvd_rank_of_approximation", None)
+    if legacy_rank is not None:
+        rank = legacy_rank
+    given = rank
+    if hasattr(rank, "dtype"):  # inject_hyperparams passes an array (traced in update)
+        rank = concrete(rank)
+        rank = int(rank) if rank is not None and float(rank).is_integer() else rank
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
+        raise ValueError(f"`rank` must be an int >= 0; got {given!r}.")
     counter = iter(range(1 << 30))
 
     def make(shape, dt):
@@ -510,12 +541,17 @@ def affine(
 
     **Returns:** an `optax.GradientTransformationExtraArgs`.
     """
+    from ._transform import concrete
+
     geometry = canonical_geometry(geometry)
-    affine_dense_sides((2, 2), max_size_triangular, max_skew_triangular)  # validates
+    # inject_hyperparams passes arrays (traced in `update`, where the rules are unused)
+    size, skew = (concrete(x) if hasattr(x, "dtype") else x
+                  for x in (max_size_triangular, max_skew_triangular))
+    if size is not None and skew is not None:
+        affine_dense_sides((2, 2), size, skew)  # validates
     return _flat_alias(
         lambda shape, dt: AffineQ.init(
-            shape, dt, max_size_triangular=max_size_triangular,
-            max_skew_triangular=max_skew_triangular, geometry=geometry,
+            shape, dt, max_size_triangular=size, max_skew_triangular=skew, geometry=geometry,
         ),
         learning_rate, True, precond_dtype, _PSGD_JAX_DEFAULTS, kwargs,
     )
@@ -545,3 +581,43 @@ def diag(
         lambda shape, dt: DiagQ.init(shape, dt, geometry=geometry),
         learning_rate, True, precond_dtype, {}, kwargs,
     )
+
+
+# -- explicit signatures for the **kwargs aliases ---------------------------------------
+#
+# `optax.inject_hyperparams` binds the factory's signature and passes every parameter by
+# name; a bare `**kwargs` would reach us as one argument called "kwargs". The aliases
+# therefore advertise the full keyword set of `psgd`/`scale_by_psgd` (with their own
+# defaults) plus psgd_jax's legacy names, without repeating it in the source.
+
+
+def _advertise_signature(fn, defaults: dict, legacy: tuple[str, ...] = ()):
+    own = [
+        p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD
+    ]
+    names = {p.name for p in own}
+    extra = []
+    for source in (psgd, scale_by_psgd):
+        for p in inspect.signature(source).parameters.values():
+            if p.kind != p.KEYWORD_ONLY or p.name in names:
+                continue
+            if p.name in ("structure", "global_structure"):
+                continue
+            extra.append(p.replace(default=defaults.get(p.name, p.default)))
+            names.add(p.name)
+    old_names = (*_RENAMED, *_FIXED_LEGACY, "mask", *legacy)
+    extra += [
+        inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in old_names
+    ]
+    fn.__signature__ = inspect.signature(fn).replace(parameters=own + extra)
+    return fn
+
+
+for _fn, _defaults, _legacy in (
+    (xmat, _PSGD_JAX_DEFAULTS, ()),
+    (lra, _PSGD_JAX_DEFAULTS, ("uvd_rank_of_approximation",)),
+    (dense, _PSGD_JAX_DEFAULTS, ()),
+    (affine, _PSGD_JAX_DEFAULTS, ()),
+    (diag, {}, ()),
+):
+    _advertise_signature(_fn, _defaults, _legacy)
