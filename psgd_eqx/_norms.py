@@ -111,7 +111,8 @@ class Normaliser(eqx.Module):
         safe = jnp.where(scale > 0, scale, jnp.ones_like(scale))
         a = a / safe.astype(a.dtype)
         if self.bound == "subspace":
-            lb = _subspace_bound(a, key, self.k, self.half_iters)
+            # More rows than the matrix has columns add nothing (the XMat 2×2 blocks).
+            lb = _subspace_bound(a, key, min(self.k, a.shape[-1]), self.half_iters)
         else:
             lb = _one_step_bound(a)
         return jnp.where(scale > 0, scale * lb, jnp.zeros_like(scale))

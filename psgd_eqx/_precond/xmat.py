@@ -27,6 +27,15 @@ def _unpairs(y: Array, middle: Array | None) -> Array:
     return jnp.concatenate(parts)
 
 
+def _inv_h_times(b: Array, x: Array) -> Array:
+    """B⁻ᴴ x for a 2×2 block, in closed form (a batched LU is far slower on CPU)."""
+    p, q, r, t = b[0, 0], b[0, 1], b[1, 0], b[1, 1]
+    det = jnp.conj(p * t - q * r)
+    y0 = jnp.conj(t) * x[0] - jnp.conj(r) * x[1]
+    y1 = -jnp.conj(q) * x[0] + jnp.conj(p) * x[1]
+    return jnp.stack([y0, y1]) / det
+
+
 class XMatQ(AbstractPrecond):
     """X-shaped preconditioner Q = diag(a) + antidiag(b) over a flattened parameter.
 
@@ -172,7 +181,7 @@ class XMatQ(AbstractPrecond):
         def stats(b, xk, vk):
             # c = 1: each 2×2 block sees a 2-vector with no other axes to contract.
             if spec.name == "EQ":
-                inv_h_v = jnp.linalg.solve(jnp.conj(b.T), vk)  # Q⁻ᴴ v, closed-form sized
+                inv_h_v = _inv_h_times(b, vk)  # Q⁻ᴴ v
                 return Outer((b @ xk)[:, None]), Outer(inv_h_v[:, None])
             pg = self._p_times(b[None], xk[None])[0]
             if spec.stats_carry_q:
