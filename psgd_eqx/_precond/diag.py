@@ -1,12 +1,11 @@
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
 from .._geometry import GEOMETRIES, canonical_geometry, diag_lipschitz, diag_step, GeometrySpec
 from .._norms import Normaliser
-from .._numerics import abs2, all_finite, compute_dtype, promote, real_dtype
-from .base import AbstractPrecond
+from .._numerics import abs2, compute_dtype, promote, real_dtype
+from .base import AbstractPrecond, keep_if_finite
 
 
 class DiagQ(AbstractPrecond):
@@ -118,10 +117,8 @@ class DiagQ(AbstractPrecond):
         big_l = normaliser.lipschitz(self.lipschitz.astype(rd), diag_lipschitz(t1, t2))
         eta = jnp.asarray(lr, rd) / jnp.maximum(big_l, jnp.finfo(rd).tiny)
         new_q = diag_step(spec.name, q, t1, t2, eta)
-        ok = all_finite(new_q) & all_finite(big_l)
-        d = jnp.where(ok, new_q.astype(self.d.dtype), self.d)
-        lip = jnp.where(ok, big_l.astype(self.lipschitz.dtype), self.lipschitz)
-        return DiagQ(d, lip, self.geometry)
+        new = DiagQ(new_q.astype(self.d.dtype), big_l.astype(self.lipschitz.dtype), self.geometry)
+        return keep_if_finite(new, self)
 
     def rescale(self, scale: ArrayLike) -> "DiagQ":
         """d ← scale·d.
@@ -144,8 +141,3 @@ class DiagQ(AbstractPrecond):
         **Returns:** an `(N, N)` array.
         """
         return jnp.diag(self._p().astype(compute_dtype(self.d.dtype)).reshape(-1))
-
-    @property
-    def state_bytes(self) -> int:
-        """Bytes of preconditioner state."""
-        return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self)))

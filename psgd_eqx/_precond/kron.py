@@ -20,8 +20,8 @@ from .._geometry import (
 )
 from .._norms import Normaliser
 from .._plan import squeezed_shape
-from .._numerics import abs2, all_finite, compute_dtype, promote, real_dtype
-from .base import AbstractPrecond
+from .._numerics import abs2, compute_dtype, promote, real_dtype
+from .base import AbstractPrecond, keep_if_finite
 
 
 def _mode_product(m: Array, x: Array, axis: int) -> Array:
@@ -326,15 +326,10 @@ class KronQ(AbstractPrecond):
             new_qs = maybe_balance(new_qs, key_bal, balance_probability)
         new_lip = jnp.stack(new_l)
 
-        # A step on a non-finite or overflowing statistic (1e30 gradients square to inf in
-        # f32) is skipped for this leaf rather than poisoning Q and L.
-        ok = all_finite(new_lip) & jnp.all(jnp.stack([all_finite(q) for q in new_qs]))
-        factors = tuple(
-            jnp.where(ok, nq.astype(store), old) for nq, old in zip(new_qs, self.factors)
-        )
-        lipschitz = jnp.where(ok, new_lip.astype(self.lipschitz.dtype), self.lipschitz)
-        out = KronQ(factors, lipschitz, None, self.shape, self.dense, self.geometry)
-        return out._with_cache(self.cache is not None)
+        factors = tuple(nq.astype(f.dtype) for nq, f in zip(new_qs, self.factors))
+        out = KronQ(factors, new_lip.astype(self.lipschitz.dtype), None, self.shape,
+                    self.dense, self.geometry)
+        return keep_if_finite(out._with_cache(self.cache is not None), self)
 
     def rescale(self, scale: ArrayLike) -> "KronQ":
         """Q ← scale·Q, spread evenly over the factors (scale^(1/k) each).
@@ -365,9 +360,3 @@ class KronQ(AbstractPrecond):
                 pi = jnp.conj(f.T) @ f if d else jnp.diag(abs2(f).astype(p.dtype))
             p = jnp.kron(p, pi)
         return p
-
-    @property
-    def state_bytes(self) -> int:
-        """Bytes of preconditioner state (factors, Lipschitz estimates and cache)."""
-        leaves = jax.tree.leaves(self)
-        return int(sum(x.size * x.dtype.itemsize for x in leaves))
