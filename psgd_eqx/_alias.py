@@ -15,7 +15,7 @@ from ._geometry import canonical_geometry
 from ._numerics import compute_dtype, promote
 from ._plan import affine_dense_sides, dense_axes, validate_structure_rules
 from ._precond import AffineQ, DenseQ, DiagQ, KronQ, LRAQ, XMatQ
-from ._transform import GLOBAL, scale_by_psgd
+from ._transform import _as_key, GLOBAL, scale_by_psgd
 
 
 def _storage_dtype(param_dtype, precond_dtype):
@@ -477,12 +477,17 @@ def lra(
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
         raise ValueError(f"`rank` must be an int >= 0; got {given!r}.")
     counter = iter(range(1 << 30))
+    seed = kwargs.get("key")
+    seed = kwargs.get("seed") if seed is None else seed
 
     def make(shape, dt):
         n = int(np.prod(shape))
-        # distinct U, V draws per leaf; the seed of the optimizer is not needed here
-        return LRAQ.init(shape, dt, rank=min(rank, max(n - 1, 0)),
-                         key=jax.random.PRNGKey(next(counter)))
+        # U's random start: from the optimizer's key, distinct per leaf (a separate stream
+        # from the probes, which split the same key). Only called at `init`, where an
+        # inject_hyperparams key is concrete.
+        base = _as_key(42 if seed is None else seed)
+        k = jax.random.fold_in(jax.random.fold_in(base, 0x4C5241), next(counter))
+        return LRAQ.init(shape, dt, rank=min(rank, max(n - 1, 0)), key=k)
 
     return _flat_alias(make, learning_rate, per_leaf, precond_dtype, _PSGD_JAX_DEFAULTS, kwargs)
 
