@@ -88,7 +88,8 @@ def scale_by_kron(
         `memory_save_mode`: structure rules (defaults 8192, 2, ∞, `None`: psgd_jax's).
     - `preconditioner_lr`: μ (0.1), constant or schedule.
     - `preconditioner_init_scale`: `None` (data-driven from the first gradient) or a number.
-    - `geometry`: `"PRO"` (= `"Q0.5EQ1.5"`, default), `"EQ"`, `"QEQ"`, `"QEP"`, `"QUAD"`.
+    - `geometry`: `"PRO"` (= `"Q0.5EQ1.5"`, default), `"EQ"`, `"QEQ"`, `"QEP"`, `"QUAD"`,
+        `"PRO4P"` or `"QUAD4P"`.
     - `mu_dtype`: momentum storage dtype (default: the gradient's).
     - `precond_dtype`: factor storage dtype (default: f32, or the params' dtype if wider
         or complex); the fit is always computed in ≥ f32 and L kept in f32.

@@ -23,8 +23,9 @@ class DenseQ(AbstractPrecond):
     The reference's `DenseNewton`, a BFGS alternative for up to ~10⁴ parameters with no
     line search. Every geometry of [`psgd_eqx.GEOMETRIES`][] applies (upper-triangular Q
     for `EQ`; the factor is P itself for `PRO4P`/`QUAD4P`). A fit step on one (v, h) pair
-    has rank-1 statistics, kept factored: the step costs O(n²) except for the Procrustes
-    rotation of `PRO`/`PRO4P` (O(n³), as in the reference).
+    has rank-1 statistics, kept factored: a refit costs O(n²) for `EQ`, `QEQ`, `QUAD`,
+    `QUAD4P` and Newton-fitted `QEP`, and O(n³) for the Procrustes rotation of
+    `PRO`/`PRO4P` (as in the reference) and for whitening-fitted `QEP` (its T₂ = QQᴴ).
 
     The parameter may have any shape; Q acts on its row-major flattening. Give it the
     concatenation of several leaves through `scale_by_psgd(global_structure=...)`.

@@ -43,7 +43,8 @@ class DiagQ(AbstractPrecond):
 
         - `shape`: the parameter's shape.
         - `dtype`: storage dtype of d.
-        - `geometry`: any geometry name; on a diagonal all but `QUAD` give the same step.
+        - `geometry`: any geometry name; on a diagonal all but `QUAD`/`QUAD4P` give the
+            same step (`PRO4P`/`QUAD4P` store the diagonal of P itself).
         - `init_scale`: the initial value of every dᵢ.
 
         **Returns:** the preconditioner.

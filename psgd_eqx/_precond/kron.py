@@ -131,7 +131,8 @@ class KronQ(AbstractPrecond):
         - `dtype`: storage dtype of the factors (the Lipschitz state is always ≥ f32).
         - `dense`: per squeezed axis, dense (True) or diagonal (False); `None` = all dense.
             See [`psgd_eqx.kron_plan`][] for the rules the optimizers use.
-        - `geometry`: `"EQ"`, `"QEQ"`, `"QEP"`, `"PRO"` (= `"Q0.5EQ1.5"`) or `"QUAD"`.
+        - `geometry`: `"EQ"`, `"QEQ"`, `"QEP"`, `"PRO"` (= `"Q0.5EQ1.5"`), `"QUAD"`, or
+            `"PRO4P"`/`"QUAD4P"` (the factors store P itself).
         - `init_scale`: the overall scale of Q (spread evenly over the factors).
         - `cache_preconditioner`: keep Pᵢ = QᵢᴴQᵢ of the dense factors (more memory,
             cheaper `apply` between refits).
