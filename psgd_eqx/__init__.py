@@ -19,18 +19,18 @@ from ._numerics import (
     init_scale_from_hvp as init_scale_from_hvp,
 )
 from ._plan import (
+    LeafPlan as LeafPlan,
     dense_axes as dense_axes,
     kron_plan as kron_plan,
-    LeafPlan as LeafPlan,
     matrix_view as matrix_view,
 )
 from ._precond import (
+    LRAQ as LRAQ,
     AbstractPrecond as AbstractPrecond,
     AffineQ as AffineQ,
     DenseQ as DenseQ,
     DiagQ as DiagQ,
     KronQ as KronQ,
-    LRAQ as LRAQ,
     XMatQ as XMatQ,
 )
 from ._probe import (

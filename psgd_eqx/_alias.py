@@ -4,18 +4,17 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jaxtyping import ArrayLike, PRNGKeyArray
-
-import jax
-import numpy as np
 
 from ._geometry import canonical_geometry
 from ._numerics import compute_dtype, promote
 from ._plan import affine_dense_sides, dense_axes, validate_structure_rules
-from ._precond import AffineQ, DenseQ, DiagQ, KronQ, LRAQ, XMatQ
-from ._transform import _as_key, GLOBAL, scale_by_psgd
+from ._precond import LRAQ, AffineQ, DenseQ, DiagQ, KronQ, XMatQ
+from ._transform import GLOBAL, _as_key, scale_by_psgd
 
 
 def _storage_dtype(param_dtype, precond_dtype):

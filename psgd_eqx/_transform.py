@@ -15,8 +15,8 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree
 
@@ -27,7 +27,6 @@ from ._numerics import (
     init_scale_from_grads,
     init_scale_from_hvp,
     promote,
-    real_dtype,
     safe_rms,
     tree_all_finite,
 )

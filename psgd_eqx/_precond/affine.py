@@ -4,7 +4,7 @@ from jaxtyping import Array, ArrayLike, PRNGKeyArray, Shaped
 
 from .._norms import Normaliser
 from .._plan import affine_dense_sides, matrix_view, squeezed_shape
-from .base import AbstractPrecond, check_shape
+from .base import AbstractPrecond, check_fit_pair, check_shape
 from .kron import KronQ
 
 
@@ -24,9 +24,13 @@ class AffineQ(AbstractPrecond):
 
     def __check_init__(self):
         if len(self.kron.shape) != 2:
-            raise ValueError(f"`AffineQ(kron=...)` must act on a matrix; got {self.kron.shape}.")
+            raise ValueError(
+                f"`AffineQ(kron=...)` must act on a matrix; got {self.kron.shape}."
+            )
         if sorted(self.perm) != list(range(len(self.shape))):
-            raise ValueError(f"`AffineQ(perm=...)` must permute {len(self.shape)} axes; got {self.perm}.")
+            raise ValueError(
+                f"`AffineQ(perm=...)` must permute {len(self.shape)} axes; got {self.perm}."
+            )
 
     @classmethod
     def init(
@@ -109,7 +113,7 @@ class AffineQ(AbstractPrecond):
 
         **Returns:** the updated `AffineQ`.
         """
-        check_shape("AffineQ.update", self.shape, h.shape)
+        check_fit_pair("AffineQ.update", self.shape, v, h)
         vm = None if v is None else self._to_matrix(v)
         kron = self.kron.update(
             vm,

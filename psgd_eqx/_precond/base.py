@@ -10,10 +10,17 @@ from .._norms import Normaliser
 from .._numerics import all_finite
 
 
-def keep_if_finite(new: "AbstractPrecond", old: "AbstractPrecond") -> "AbstractPrecond":
-    """`new` if all its arrays are finite, else `old`: a fit step on overflowing statistics
-    (1e30 gradients square to inf in f32) is skipped rather than poisoning Q and L."""
+def keep_if_finite(
+    new: "AbstractPrecond", old: "AbstractPrecond", *inputs: Array | None
+) -> "AbstractPrecond":
+    """`new` if all its arrays and all `inputs` (the fit pair) are finite, else `old`.
+
+    A step on non-finite inputs, or on overflowing statistics (1e30 gradients square to inf
+    in f32), is skipped as a whole rather than poisoning Q and L; checking the inputs too
+    catches parts of a structure that guard themselves (XMat's middle element).
+    """
     leaves = [x for x in jax.tree.leaves(new) if hasattr(x, "dtype")]
+    leaves += [x for x in inputs if x is not None]
     ok = jnp.all(jnp.stack([all_finite(x) for x in leaves])) if leaves else jnp.array(True)
     return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
@@ -21,6 +28,13 @@ def keep_if_finite(new: "AbstractPrecond", old: "AbstractPrecond") -> "AbstractP
 def check_shape(name: str, want: tuple[int, ...], got: tuple[int, ...]) -> None:
     if tuple(want) != tuple(got):
         raise ValueError(f"`{name}` expects shape {tuple(want)}; got {tuple(got)}.")
+
+
+def check_fit_pair(name: str, want: tuple[int, ...], v: Array | None, h: Array) -> None:
+    """Both members of the fit pair must have the parameter's shape."""
+    check_shape(f"{name}(h=...)", want, h.shape)
+    if v is not None:
+        check_shape(f"{name}(v=...)", want, v.shape)
 
 
 def flat_size(shape: tuple[int, ...]) -> int:
@@ -67,7 +81,8 @@ class AbstractPrecond(eqx.Module):
         - `h`: the damped gradient/momentum (whitening) or Hessian-vector product (Newton).
         - `lr`: the preconditioner learning rate μ (normalised: μ ≤ 1 is safe).
         - `key`: randomness for norm bounds and factor balancing.
-        - `normaliser`: the step-size normaliser (Lipschitz EMA and norm bound); `None` = `Normaliser()`.
+        - `normaliser`: the step-size normaliser (Lipschitz EMA and norm bound);
+            `None` = `Normaliser()`.
         - `balance_probability`: probability of rebalancing the factors' dynamic ranges.
 
         **Returns:** the updated preconditioner (same structure, dtypes and static config).

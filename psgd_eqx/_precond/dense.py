@@ -5,16 +5,16 @@ import jax.scipy.linalg as jsl
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
 from .._geometry import (
-    canonical_geometry,
-    dense_lipschitz,
-    dense_step,
     GEOMETRIES,
     GeometrySpec,
     Outer,
+    canonical_geometry,
+    dense_lipschitz,
+    dense_step,
 )
 from .._norms import Normaliser
 from .._numerics import compute_dtype, promote, real_dtype
-from .base import AbstractPrecond, check_shape, flat_size, keep_if_finite
+from .base import AbstractPrecond, check_fit_pair, check_shape, flat_size, keep_if_finite
 
 
 class DenseQ(AbstractPrecond):
@@ -44,7 +44,9 @@ class DenseQ(AbstractPrecond):
                 f"{self.shape}; got {self.q.shape}."
             )
         if self.lipschitz.shape != ():
-            raise ValueError(f"`DenseQ(lipschitz=...)` must be a scalar; got {self.lipschitz.shape}.")
+            raise ValueError(
+                f"`DenseQ(lipschitz=...)` must be a scalar; got {self.lipschitz.shape}."
+            )
         if self.geometry not in GEOMETRIES:
             raise ValueError(f"`DenseQ(geometry=...)` unknown geometry {self.geometry!r}.")
 
@@ -124,7 +126,7 @@ class DenseQ(AbstractPrecond):
         spec = GeometrySpec(self.geometry)
         if v is None and spec.needs_v:
             raise ValueError(f"geometry {self.geometry!r} needs the probe `v` explicitly.")
-        check_shape("DenseQ.update", self.shape, h.shape)
+        check_fit_pair("DenseQ.update", self.shape, v, h)
         cd = compute_dtype(promote(self.q.dtype, h.dtype))
         rd = real_dtype(cd)
         q = self.q.astype(cd)
@@ -150,7 +152,7 @@ class DenseQ(AbstractPrecond):
         new_q = dense_step(spec.name, q, t1, t2, eta, k_step, normaliser)
         new = DenseQ(new_q.astype(self.q.dtype), big_l.astype(self.lipschitz.dtype),
                      self.shape, self.geometry)
-        return keep_if_finite(new, self)
+        return keep_if_finite(new, self, h, v)
 
     def rescale(self, scale: ArrayLike) -> "DenseQ":
         """Q ← scale·Q (the stored P ← scale²·P for `PRO4P`/`QUAD4P`).

@@ -2,10 +2,10 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
-from .._geometry import GEOMETRIES, canonical_geometry, diag_lipschitz, diag_step, GeometrySpec
+from .._geometry import GEOMETRIES, GeometrySpec, canonical_geometry, diag_lipschitz, diag_step
 from .._norms import Normaliser
 from .._numerics import abs2, compute_dtype, promote, real_dtype
-from .base import AbstractPrecond, keep_if_finite
+from .base import AbstractPrecond, check_fit_pair, keep_if_finite
 
 
 class DiagQ(AbstractPrecond):
@@ -100,6 +100,7 @@ class DiagQ(AbstractPrecond):
         spec = GeometrySpec(self.geometry)
         if v is None and spec.needs_v:
             raise ValueError(f"geometry {self.geometry!r} needs the probe `v` explicitly.")
+        check_fit_pair("DiagQ.update", self.d.shape, v, h)
         cd = compute_dtype(promote(self.d.dtype, h.dtype))
         q = self.d.astype(cd)
         x = h.astype(cd)
@@ -119,7 +120,7 @@ class DiagQ(AbstractPrecond):
         eta = jnp.asarray(lr, rd) / jnp.maximum(big_l, jnp.finfo(rd).tiny)
         new_q = diag_step(spec.name, q, t1, t2, eta)
         new = DiagQ(new_q.astype(self.d.dtype), big_l.astype(self.lipschitz.dtype), self.geometry)
-        return keep_if_finite(new, self)
+        return keep_if_finite(new, self, h, v)
 
     def rescale(self, scale: ArrayLike) -> "DiagQ":
         """d ← scale·d.

@@ -9,19 +9,19 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
 from .._geometry import (
     GEOMETRIES,
+    GeometrySpec,
     balance_factors,
     canonical_geometry,
     dense_lipschitz,
     dense_step,
     diag_lipschitz,
     diag_step,
-    GeometrySpec,
     maybe_balance,
 )
 from .._norms import Normaliser
-from .._plan import squeezed_shape
 from .._numerics import abs2, compute_dtype, promote, real_dtype
-from .base import AbstractPrecond, keep_if_finite
+from .._plan import squeezed_shape
+from .base import AbstractPrecond, check_fit_pair, keep_if_finite
 
 
 def _mode_product(m: Array, x: Array, axis: int) -> Array:
@@ -248,8 +248,7 @@ class KronQ(AbstractPrecond):
         spec = GeometrySpec(self.geometry)
         if v is None and spec.needs_v:
             raise ValueError(f"geometry {self.geometry!r} needs the probe `v` explicitly.")
-        if h.shape != self.shape or (v is not None and v.shape != self.shape):
-            raise ValueError(f"`KronQ.update` expects shape {self.shape}; got {h.shape}.")
+        check_fit_pair("KronQ.update", self.shape, v, h)
         store = self.factors[0].dtype
         cd = compute_dtype(promote(store, h.dtype))
         axes = self.axes_shape
@@ -330,7 +329,7 @@ class KronQ(AbstractPrecond):
         factors = tuple(nq.astype(f.dtype) for nq, f in zip(new_qs, self.factors))
         out = KronQ(factors, new_lip.astype(self.lipschitz.dtype), None, self.shape,
                     self.dense, self.geometry)
-        return keep_if_finite(out._with_cache(self.cache is not None), self)
+        return keep_if_finite(out._with_cache(self.cache is not None), self, h, v)
 
     def rescale(self, scale: ArrayLike) -> "KronQ":
         """Q ← scale·Q, spread evenly over the factors (scale^(1/k) each).

@@ -7,7 +7,7 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 from .._geometry import diag_step
 from .._norms import Normaliser
 from .._numerics import compute_dtype, is_complex, promote, real_dtype
-from .base import AbstractPrecond, check_shape, flat_size, keep_if_finite
+from .base import AbstractPrecond, check_fit_pair, check_shape, flat_size, keep_if_finite
 
 
 def _ip_uvt(u: Array, v: Array, x: Array) -> Array:
@@ -42,7 +42,9 @@ class LRAQ(AbstractPrecond):
                 f"{self.u.shape}, {self.v.shape}, {self.d.shape}."
             )
         if self.lipschitz.shape != (3,):
-            raise ValueError(f"`LRAQ(lipschitz=...)` must have shape (3,); got {self.lipschitz.shape}.")
+            raise ValueError(
+                f"`LRAQ(lipschitz=...)` must have shape (3,); got {self.lipschitz.shape}."
+            )
 
     @classmethod
     def init(
@@ -131,7 +133,7 @@ class LRAQ(AbstractPrecond):
         normaliser = Normaliser() if normaliser is None else normaliser
         if v is None:
             raise ValueError("`LRAQ.update` needs the probe `v` (LRA has no integrated-out form).")
-        check_shape("LRAQ.update", self.shape, h.shape)
+        check_fit_pair("LRAQ.update", self.shape, v, h)
         cd = compute_dtype(promote(self.d.dtype, h.dtype))
         rd = real_dtype(cd)
         u, vm, d = (x.astype(cd) for x in (self.u, self.v, self.d))
@@ -204,7 +206,7 @@ class LRAQ(AbstractPrecond):
             jnp.stack([l_u, l_v, l_d]).astype(self.lipschitz.dtype),
             self.shape,
         )
-        return keep_if_finite(new, self)
+        return keep_if_finite(new, self, h, v)
 
     def rescale(self, scale: ArrayLike) -> "LRAQ":
         """Q ← scale·Q (d is scaled; U, V unchanged).

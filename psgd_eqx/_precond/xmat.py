@@ -4,16 +4,16 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
 from .._geometry import (
-    canonical_geometry,
-    dense_lipschitz,
-    dense_step,
     GEOMETRIES,
     GeometrySpec,
     Outer,
+    canonical_geometry,
+    dense_lipschitz,
+    dense_step,
 )
 from .._norms import Normaliser
 from .._numerics import compute_dtype, promote, real_dtype
-from .base import AbstractPrecond, check_shape, flat_size, keep_if_finite
+from .base import AbstractPrecond, check_fit_pair, check_shape, flat_size, keep_if_finite
 from .diag import DiagQ
 
 
@@ -167,7 +167,7 @@ class XMatQ(AbstractPrecond):
         spec = GeometrySpec(self.geometry)
         if v is None and spec.needs_v:
             raise ValueError(f"geometry {self.geometry!r} needs the probe `v` explicitly.")
-        check_shape("XMatQ.update", self.shape, h.shape)
+        check_fit_pair("XMatQ.update", self.shape, v, h)
         cd = compute_dtype(promote(self.blocks.dtype, h.dtype))
         rd = real_dtype(cd)
         m = self.blocks.shape[0]
@@ -206,7 +206,7 @@ class XMatQ(AbstractPrecond):
             middle = middle.update(mid_v, hf[m : m + 1], lr=lr, key=k_mid, normaliser=normaliser)
         new = XMatQ(new_blocks.astype(self.blocks.dtype), big_l.astype(self.lipschitz.dtype),
                     middle, self.shape, self.geometry)
-        return keep_if_finite(new, self)
+        return keep_if_finite(new, self, h, v)
 
     def rescale(self, scale: ArrayLike) -> "XMatQ":
         """Q ← scale·Q.
