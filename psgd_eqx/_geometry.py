@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from ._norms import Normaliser
-from ._numerics import real_dtype
+from ._numerics import promote, real_dtype
 
 
 Geometry = Literal["EQ", "QEQ", "QEP", "PRO", "QUAD", "PRO4P", "QUAD4P"]
@@ -132,6 +132,13 @@ class GeometrySpec(eqx.Module):
     def stores_p(self) -> bool:
         """PRO4P/QUAD4P: the stored factor is P itself, so P·g applies each factor once."""
         return self.name in ("PRO4P", "QUAD4P")
+
+    def factor_scale(self, scale: ArrayLike) -> Array:
+        """What the stored factor is multiplied by when Q is scaled by `scale`: `scale`, or
+        `scale²` for the stored-P geometries (f32 or wider, real)."""
+        scale = jnp.asarray(scale)
+        scale = scale.astype(promote(scale.dtype, jnp.float32))
+        return scale * scale if self.stores_p else scale
 
     @property
     def balance_every_update(self) -> bool:

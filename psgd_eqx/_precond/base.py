@@ -37,6 +37,11 @@ def check_fit_pair(name: str, want: tuple[int, ...], v: Array | None, h: Array) 
         check_shape(f"{name}(v=...)", want, v.shape)
 
 
+def as_shape(shape: tuple[int, ...] | int) -> tuple[int, ...]:
+    """A parameter shape from a shape or, for the flat structures, a number of elements."""
+    return (int(shape),) if isinstance(shape, int) else tuple(int(n) for n in shape)
+
+
 def flat_size(shape: tuple[int, ...]) -> int:
     return int(math.prod(shape))
 

@@ -14,7 +14,7 @@ from .._geometry import (
 )
 from .._norms import Normaliser
 from .._numerics import compute_dtype, promote, real_dtype
-from .base import AbstractPrecond, check_fit_pair, check_shape, flat_size, keep_if_finite
+from .base import AbstractPrecond, as_shape, check_fit_pair, check_shape, flat_size, keep_if_finite
 
 
 class DenseQ(AbstractPrecond):
@@ -70,15 +70,12 @@ class DenseQ(AbstractPrecond):
 
         **Returns:** the preconditioner.
         """
-        shape = (int(shape),) if isinstance(shape, int) else tuple(int(n) for n in shape)
+        shape = as_shape(shape)
         geometry = canonical_geometry(geometry)
         n = flat_size(shape)
         if n < 1:
             raise ValueError(f"`DenseQ` needs a non-empty parameter; got shape {shape}.")
-        scale = jnp.asarray(init_scale, jnp.float32)
-        if GeometrySpec(geometry).stores_p:
-            scale = scale * scale
-        q = jnp.eye(n, dtype=dtype) * scale.astype(dtype)
+        q = jnp.eye(n, dtype=dtype) * GeometrySpec(geometry).factor_scale(init_scale).astype(dtype)
         return cls(q, jnp.zeros((), real_dtype(compute_dtype(dtype))), shape, geometry)
 
     @property
@@ -163,10 +160,8 @@ class DenseQ(AbstractPrecond):
 
         **Returns:** the rescaled `DenseQ`.
         """
-        s = jnp.asarray(scale, real_dtype(self.lipschitz.dtype))
-        if GeometrySpec(self.geometry).stores_p:
-            s = s * s
-        return DenseQ(self.q * s.astype(self.q.dtype), self.lipschitz, self.shape, self.geometry)
+        s = GeometrySpec(self.geometry).factor_scale(scale).astype(self.q.dtype)
+        return DenseQ(self.q * s, self.lipschitz, self.shape, self.geometry)
 
     def as_matrix(self) -> Shaped[Array, "n n"]:
         """P as a dense matrix over the flattened parameter.

@@ -50,9 +50,7 @@ class DiagQ(AbstractPrecond):
         **Returns:** the preconditioner.
         """
         geometry = canonical_geometry(geometry)
-        scale = jnp.asarray(init_scale, jnp.float32)
-        if GeometrySpec(geometry).stores_p:
-            scale = scale * scale
+        scale = GeometrySpec(geometry).factor_scale(init_scale)
         d = jnp.full(tuple(shape), scale.astype(dtype), dtype)
         return cls(d, jnp.zeros((), real_dtype(compute_dtype(dtype))), geometry)
 
@@ -131,10 +129,7 @@ class DiagQ(AbstractPrecond):
 
         **Returns:** the rescaled `DiagQ`.
         """
-        s = jnp.asarray(scale, real_dtype(self.lipschitz.dtype))
-        if GeometrySpec(self.geometry).stores_p:
-            s = s * s
-        s = s.astype(self.d.dtype)
+        s = GeometrySpec(self.geometry).factor_scale(scale).astype(self.d.dtype)
         return DiagQ(self.d * s, self.lipschitz, self.geometry)
 
     def as_matrix(self) -> Shaped[Array, "n n"]:

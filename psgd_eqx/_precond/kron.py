@@ -150,8 +150,7 @@ class KronQ(AbstractPrecond):
                 f"`dense` must have one flag per squeezed axis {axes}; got {len(dense)}."
             )
         # PRO4P/QUAD4P store P itself, so the scale of Q enters squared.
-        power = 2.0 if GeometrySpec(geometry).stores_p else 1.0
-        per = jnp.asarray(init_scale, jnp.float32) ** (power / len(axes))
+        per = GeometrySpec(geometry).factor_scale(init_scale) ** (1.0 / len(axes))
         factors = tuple(
             (jnp.eye(n, dtype=dtype) if d else jnp.ones((n,), dtype)) * per.astype(dtype)
             for n, d in zip(axes, dense)
@@ -340,8 +339,7 @@ class KronQ(AbstractPrecond):
 
         **Returns:** the rescaled `KronQ`.
         """
-        power = 2.0 if GeometrySpec(self.geometry).stores_p else 1.0
-        per = jnp.asarray(scale, real_dtype(self.lipschitz.dtype)) ** (power / len(self.factors))
+        per = GeometrySpec(self.geometry).factor_scale(scale) ** (1.0 / len(self.factors))
         factors = tuple(f * per.astype(f.dtype) for f in self.factors)
         out = KronQ(factors, self.lipschitz, None, self.shape, self.dense, self.geometry)
         return out._with_cache(self.cache is not None)

@@ -7,7 +7,7 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 from .._geometry import diag_step
 from .._norms import Normaliser
 from .._numerics import compute_dtype, is_complex, promote, real_dtype
-from .base import AbstractPrecond, check_fit_pair, check_shape, flat_size, keep_if_finite
+from .base import AbstractPrecond, as_shape, check_fit_pair, check_shape, flat_size, keep_if_finite
 
 
 def _ip_uvt(u: Array, v: Array, x: Array) -> Array:
@@ -68,7 +68,7 @@ class LRAQ(AbstractPrecond):
 
         **Returns:** the preconditioner.
         """
-        shape = (int(shape),) if isinstance(shape, int) else tuple(int(n) for n in shape)
+        shape = as_shape(shape)
         n = flat_size(shape)
         if is_complex(dtype):
             raise ValueError(f"`LRAQ` supports real dtypes only; got dtype={jnp.dtype(dtype)}.")

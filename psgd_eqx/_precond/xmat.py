@@ -13,7 +13,7 @@ from .._geometry import (
 )
 from .._norms import Normaliser
 from .._numerics import compute_dtype, promote, real_dtype
-from .base import AbstractPrecond, check_fit_pair, check_shape, flat_size, keep_if_finite
+from .base import AbstractPrecond, as_shape, check_fit_pair, check_shape, flat_size, keep_if_finite
 from .diag import DiagQ
 
 
@@ -87,14 +87,12 @@ class XMatQ(AbstractPrecond):
 
         **Returns:** the preconditioner.
         """
-        shape = (int(shape),) if isinstance(shape, int) else tuple(int(n) for n in shape)
+        shape = as_shape(shape)
         geometry = canonical_geometry(geometry)
         n = flat_size(shape)
         if n < 1:
             raise ValueError(f"`XMatQ` needs a non-empty parameter; got shape {shape}.")
-        scale = jnp.asarray(init_scale, jnp.float32)
-        if GeometrySpec(geometry).stores_p:
-            scale = scale * scale
+        scale = GeometrySpec(geometry).factor_scale(init_scale)
         blocks = jnp.broadcast_to(jnp.eye(2, dtype=dtype), (n // 2, 2, 2)) * scale.astype(dtype)
         middle = None
         if n % 2:
@@ -217,10 +215,9 @@ class XMatQ(AbstractPrecond):
 
         **Returns:** the rescaled `XMatQ`.
         """
-        s = jnp.asarray(scale, real_dtype(self.lipschitz.dtype))
-        s2 = s * s if GeometrySpec(self.geometry).stores_p else s
-        middle = None if self.middle is None else self.middle.rescale(s)
-        return XMatQ(self.blocks * s2.astype(self.blocks.dtype), self.lipschitz, middle,
+        s = GeometrySpec(self.geometry).factor_scale(scale).astype(self.blocks.dtype)
+        middle = None if self.middle is None else self.middle.rescale(scale)
+        return XMatQ(self.blocks * s, self.lipschitz, middle,
                      self.shape, self.geometry)
 
     def as_matrix(self) -> Shaped[Array, "n n"]:
