@@ -498,6 +498,7 @@ def dense(
     geometry: str = "PRO",
     per_leaf: bool = False,
     precond_dtype=None,
+    max_size: int = 32768,
     **kwargs,
 ) -> optax.GradientTransformationExtraArgs:
     """PSGD with one dense [`psgd_eqx.DenseQ`][] over all parameters (the reference's
@@ -510,14 +511,37 @@ def dense(
     - `geometry`: any of [`psgd_eqx.GEOMETRIES`][] (default `"PRO"`, the reference's).
     - `per_leaf`: one preconditioner per leaf instead of one over all leaves.
     - `precond_dtype`: storage dtype.
+    - `max_size`: the largest n for which a Q is built (n² floats: 4 GiB in f32 at the
+        default 32,768); `init` raises `ValueError` beyond it rather than allocating.
     - `**kwargs`: as [`psgd_eqx.xmat`][]; clipping is off by default (the reference's
         `grad_clip_max_norm=inf`).
 
     **Returns:** an `optax.GradientTransformationExtraArgs`.
     """
+    from ._transform import concrete
+
     geometry = canonical_geometry(geometry)
+    given = max_size
+    if hasattr(max_size, "dtype"):  # inject_hyperparams: an array (traced in `update`)
+        max_size = concrete(max_size)
+        max_size = None if max_size is None else int(max_size)
+    if max_size is not None and (
+        isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1
+    ):
+        raise ValueError(f"`max_size` must be an int >= 1; got {given!r}.")
+
+    def make(shape, dt):
+        n = int(np.prod(shape))
+        if n > max_size:
+            raise ValueError(
+                f"`dense` would build a {n}×{n} Q ({n * n * jnp.dtype(dt).itemsize:,} bytes), "
+                f"more than `max_size`={max_size}; use `lra`, `kron` or `per_leaf=True`, or "
+                "raise `max_size`."
+            )
+        return DenseQ.init(shape, dt, geometry=geometry)
+
     return _flat_alias(
-        lambda shape, dt: DenseQ.init(shape, dt, geometry=geometry),
+        make,
         learning_rate, per_leaf, precond_dtype, _PSGD_JAX_DEFAULTS, kwargs,
     )
 

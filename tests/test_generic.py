@@ -468,3 +468,14 @@ def test_alias_with_newton_args_under_jit(name):
     assert int(st.refits) == int(np.sum(np.asarray(upds))) < steps
     assert int(st.count) == steps
     assert math.isfinite(float(losses[-1]))
+
+
+def test_dense_refuses_oversized_q():
+    """`dense` raises at init instead of allocating an n×n Q past `max_size`."""
+    params = {"w": jnp.ones((30, 20), jnp.float32)}
+    with pytest.raises(ValueError, match="max_size"):
+        pe.dense(max_size=500).init(params)
+    state = pe.dense(max_size=600).init(params)
+    assert jax.tree.leaves(state)  # built
+    with pytest.raises(ValueError, match="max_size"):
+        pe.dense(max_size=0)
