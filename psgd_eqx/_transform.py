@@ -133,6 +133,8 @@ def _split(flat: Array, like: list[Array]) -> list[Array]:
 
 
 def _clip(u: Array, max_rms, max_element) -> Array:
+    if u.size == 0:
+        return u
     if max_rms is not None:
         rms = safe_rms(u)
         target = jnp.asarray(max_rms).astype(rms.dtype)
@@ -179,7 +181,7 @@ def scale_by_psgd(
     - `structure`: called once per parameter leaf as `structure(path, leaf)` at `init`;
         returns the leaf's initial preconditioner (e.g. `KronQ.init(leaf.shape)`), `None`
         for plain momentum (P = I) on that leaf, or [`psgd_eqx.GLOBAL`][] to put the leaf
-        into the global group.
+        into the global group. Empty (size-0) leaves are not passed and get `None`.
     - `global_structure`: `global_structure(n, dtype)` builds the one preconditioner over
         the flattened concatenation (n elements, in flattening order) of the global group,
         e.g. `lambda n, dtype: LRAQ.init(n, dtype)`. Needed iff a leaf is `GLOBAL`.
@@ -263,7 +265,8 @@ def scale_by_psgd(
         leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
         preconds, mask = [], []
         for path, p in leaves_with_path:
-            q = structure(path, p)
+            # An empty leaf has nothing to precondition (and no statistics to fit).
+            q = structure(path, p) if int(np.prod(p.shape)) > 0 else None
             is_global = isinstance(q, str)
             if is_global and q != GLOBAL:
                 raise ValueError(

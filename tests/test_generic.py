@@ -479,3 +479,37 @@ def test_dense_refuses_oversized_q():
     assert jax.tree.leaves(state)  # built
     with pytest.raises(ValueError, match="max_size"):
         pe.dense(max_size=0)
+
+
+@pytest.mark.parametrize("name", ["kron", "affine", "diag", "xmat", "lra", "dense"])
+def test_odd_leaves_scalar_unit_and_empty(name):
+    """Scalars, size-1 axes and empty leaves, through every alias with both fits."""
+    params = {
+        "s": jnp.array(1.0, jnp.float32),
+        "m": jnp.ones((1, 5), jnp.float32),
+        "t": jnp.ones((2, 1, 3), jnp.float32),
+        "e": jnp.ones((0, 3), jnp.float32),
+    }
+
+    def loss(p):
+        return sum(jnp.sum(jnp.sin(x) ** 2) for x in jax.tree.leaves(p))
+
+    opt = getattr(pe, name)(0.1)
+    state = opt.init(params)
+    assert jax.tree.leaves(state)
+
+    @jax.jit
+    def step(p, state, key):
+        value, g, hvp, vec, upd = pe.hessian_helper(key, loss, p)
+        u, state = opt.update(g, state, p, Hvp=hvp, vector=vec, update_preconditioner=upd)
+        p = optax.apply_updates(p, u)
+        u, state = opt.update(jax.grad(loss)(p), state, p)
+        return optax.apply_updates(p, u), state, value
+
+    p = params
+    values = []
+    for i in range(4):
+        p, state, value = step(p, state, jax.random.PRNGKey(i))
+        values.append(float(value))
+    assert p["e"].shape == (0, 3)
+    assert all(math.isfinite(v) for v in values) and values[-1] < values[0]
