@@ -23,6 +23,7 @@ from ._plan import (
     dense_axes as dense_axes,
     kron_plan as kron_plan,
     matrix_view as matrix_view,
+    scanned_predicate as scanned_predicate,
 )
 from ._precond import (
     LRAQ as LRAQ,
@@ -31,6 +32,7 @@ from ._precond import (
     DenseQ as DenseQ,
     DiagQ as DiagQ,
     KronQ as KronQ,
+    StackedQ as StackedQ,
     XMatQ as XMatQ,
 )
 from ._probe import (

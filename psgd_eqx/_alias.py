@@ -12,8 +12,8 @@ from jaxtyping import ArrayLike, PRNGKeyArray
 
 from ._geometry import canonical_geometry
 from ._numerics import compute_dtype, promote
-from ._plan import affine_dense_sides, dense_axes, validate_structure_rules
-from ._precond import LRAQ, AffineQ, DenseQ, DiagQ, KronQ, XMatQ
+from ._plan import affine_dense_sides, dense_axes, scanned_predicate, validate_structure_rules
+from ._precond import LRAQ, AffineQ, DenseQ, DiagQ, KronQ, StackedQ, XMatQ
 from ._transform import GLOBAL, _as_key, scale_by_psgd
 
 
@@ -72,6 +72,9 @@ def scale_by_kron(
     update_preconditioner_first: bool = True,
     grad_clip_max_amp: ArrayLike | None = 2.0,
     grad_clip_max_element: ArrayLike | None = 10.0,
+    scanned_layers: Any = None,
+    lax_map_scanned_layers: bool = False,
+    lax_map_batch_size: ArrayLike = 8,
 ) -> optax.GradientTransformationExtraArgs:
     """Kronecker-factored PSGD (no learning rate, no weight decay): P·m, clipped.
 
@@ -101,6 +104,14 @@ def scale_by_kron(
         `norm_bound_k`, `norm_bound_iters`, `balance_probability`,
         `update_preconditioner_first`, `grad_clip_max_amp`, `grad_clip_max_element`: see
         [`psgd_eqx.scale_by_psgd`][].
+    - `scanned_layers`: leaves whose leading axis stacks layers (built with
+        `eqx.filter_vmap`, run with `lax.scan`): a pytree of bools like the params, or a
+        callable `(path, leaf) -> bool`. Each such leaf gets one preconditioner per layer
+        ([`psgd_eqx.StackedQ`][]), the structure rules applied to one layer's shape.
+    - `lax_map_scanned_layers`, `lax_map_batch_size`: run the per-layer work with
+        `lax.map` over batches of this many layers instead of one `vmap` (less peak
+        memory for deep stacks). With `optax.inject_hyperparams` pass the pytree form
+        (it would call a function as a schedule).
 
     **Returns:** an `optax.GradientTransformationExtraArgs` whose state contains one
     [`psgd_eqx.PSGDState`][].
@@ -119,15 +130,28 @@ def scale_by_kron(
     if precond_dtype is not None:
         precond_dtype = jnp.dtype(precond_dtype)
 
+    is_scanned = scanned_predicate(scanned_layers)
+
     def structure(path, p):
-        del path
-        return KronQ.init(
-            p.shape,
-            _storage_dtype(p.dtype, precond_dtype),
-            dense=dense_axes(p.shape, **rules),
-            geometry=geometry,
-            cache_preconditioner=cache_preconditioner,
-        )
+        dtype = _storage_dtype(p.dtype, precond_dtype)
+
+        def make(shape):
+            return KronQ.init(
+                shape,
+                dtype,
+                dense=dense_axes(shape, **rules),
+                geometry=geometry,
+                cache_preconditioner=cache_preconditioner,
+            )
+
+        if not is_scanned(path, p):
+            return make(p.shape)
+        batch = None
+        if lax_map_scanned_layers:
+            from ._transform import concrete
+
+            batch = int(concrete(lax_map_batch_size))  # an array under inject_hyperparams
+        return StackedQ.init(make, p.shape, map_batch_size=batch)
 
     return scale_by_psgd(
         structure,
@@ -182,6 +206,9 @@ def kron(
     update_preconditioner_first: bool = True,
     grad_clip_max_amp: ArrayLike | None = 2.0,
     grad_clip_max_element: ArrayLike | None = 10.0,
+    scanned_layers: Any = None,
+    lax_map_scanned_layers: bool = False,
+    lax_map_batch_size: ArrayLike = 8,
 ) -> optax.GradientTransformationExtraArgs:
     """PSGD with Kronecker-factored preconditioners: the drop-in optax optimizer.
 
@@ -238,6 +265,9 @@ def kron(
         update_preconditioner_first=update_preconditioner_first,
         grad_clip_max_amp=grad_clip_max_amp,
         grad_clip_max_element=grad_clip_max_element,
+        scanned_layers=scanned_layers,
+        lax_map_scanned_layers=lax_map_scanned_layers,
+        lax_map_batch_size=lax_map_batch_size,
     )
     return _with_lr_and_decay(scale, learning_rate, weight_decay, weight_decay_mask)
 

@@ -18,7 +18,10 @@ Size-1 axes are squeezed before any rule is applied (a `(1, 64)` bias is a vecto
 import dataclasses
 import itertools
 import math
+from collections.abc import Callable
+from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import ArrayLike, PyTree
@@ -90,6 +93,30 @@ def affine_dense_sides(
         return not (s < 2 or s > max_size_triangular or s > max_skew_triangular * t)
 
     return dense(m, k), dense(k, m)
+
+
+def scanned_predicate(scanned_layers) -> "Callable[[Any, Any], bool]":
+    """Normalise `scanned_layers` to a function `(path, leaf) -> bool`.
+
+    **Arguments:**
+
+    - `scanned_layers`: `None` (nothing is scanned), a callable `(path, leaf) -> bool`, or
+        a pytree of bools with the params' structure (psgd_jax / distributed_kron): `True`
+        marks a leaf whose leading axis stacks layers.
+
+    **Returns:** the predicate.
+    """
+    if scanned_layers is None:
+        return lambda path, leaf: False
+    # A bools-tree of an Equinox model is itself callable (eqx.nn.Linear(...)): only a
+    # callable that is not a Module is a predicate.
+    if callable(scanned_layers) and not isinstance(scanned_layers, eqx.Module):
+        return lambda path, leaf: bool(scanned_layers(path, leaf))
+    flags = {
+        jax.tree_util.keystr(path): bool(flag)
+        for path, flag in jax.tree_util.tree_flatten_with_path(scanned_layers)[0]
+    }
+    return lambda path, leaf: flags.get(jax.tree_util.keystr(path), False)
 
 
 MEMORY_SAVE_MODES = (None, "one_diag", "smart_one_diag", "one_triu", "all_diag")
