@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import psgd_eqx as pe
-from psgd_eqx import KronQ, LRAQ, StackedQ
+from psgd_eqx import LRAQ, KronQ, StackedQ
 
 
 @pytest.mark.parametrize("batch", [None, 2])
