@@ -75,6 +75,7 @@ def scale_by_kron(
     scanned_layers: Any = None,
     lax_map_scanned_layers: bool = False,
     lax_map_batch_size: ArrayLike = 8,
+    stochastic_rounding: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """Kronecker-factored PSGD (no learning rate, no weight decay): P·m, clipped.
 
@@ -112,6 +113,8 @@ def scale_by_kron(
         `lax.map` over batches of this many layers instead of one `vmap` (less peak
         memory for deep stacks). With `optax.inject_hyperparams` pass the pytree form
         (it would call a function as a schedule).
+    - `stochastic_rounding`: round bf16 momentum/factor writes stochastically (see
+        [`psgd_eqx.scale_by_psgd`][]).
 
     **Returns:** an `optax.GradientTransformationExtraArgs` whose state contains one
     [`psgd_eqx.PSGDState`][].
@@ -173,6 +176,7 @@ def scale_by_kron(
         update_preconditioner_first=update_preconditioner_first,
         grad_clip_max_amp=grad_clip_max_amp,
         grad_clip_max_element=grad_clip_max_element,
+        stochastic_rounding=stochastic_rounding,
     )
 
 
@@ -209,6 +213,7 @@ def kron(
     scanned_layers: Any = None,
     lax_map_scanned_layers: bool = False,
     lax_map_batch_size: ArrayLike = 8,
+    stochastic_rounding: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """PSGD with Kronecker-factored preconditioners: the drop-in optax optimizer.
 
@@ -268,6 +273,7 @@ def kron(
         scanned_layers=scanned_layers,
         lax_map_scanned_layers=lax_map_scanned_layers,
         lax_map_batch_size=lax_map_batch_size,
+        stochastic_rounding=stochastic_rounding,
     )
     return _with_lr_and_decay(scale, learning_rate, weight_decay, weight_decay_mask)
 

@@ -130,3 +130,61 @@ def init_scale_from_hvp(vectors: PyTree[Array], hvps: PyTree[Array]) -> Float[Ar
     scale = jnp.exp(0.25 * log_ratio)
     ok = jnp.isfinite(scale) & (scale > 0) & tree_all_finite(vs) & tree_all_finite(hs)
     return jnp.where(ok, scale, jnp.ones((), jnp.float32))
+
+
+def stochastic_round(x: Array, dtype, key) -> Array:
+    """Cast `x` to `dtype`, rounding stochastically when that is bfloat16.
+
+    f32 → bf16 keeps the top 16 bits of the f32 pattern; adding a uniform random 16-bit
+    integer to the pattern first rounds up with probability equal to the dropped fraction,
+    so E[round(x)] = x. Small preconditioner steps that nearest rounding would lose
+    (|Δ| < half an ulp of bf16, 2⁻⁹ relative) then survive on average. Inf and NaN stay
+    Inf and NaN. Any other target dtype is a plain cast.
+
+    **Arguments:**
+
+    - `x`: the value in single precision (or any dtype; it is cast to f32 first).
+    - `dtype`: the storage dtype.
+    - `key`: randomness for the rounding.
+
+    **Returns:** `x` in `dtype`.
+    """
+    if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16):
+        return x.astype(dtype)
+    x32 = x.astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(x32, jnp.uint32)
+    noise = jax.random.bits(key, x32.shape, jnp.uint32) & jnp.uint32(0xFFFF)
+    special = ~jnp.isfinite(x32)
+    rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
+    out = jax.lax.bitcast_convert_type(jnp.where(special, bits, rounded), jnp.float32)
+    return out.astype(jnp.bfloat16)
+
+
+def tree_stochastic_round(new: PyTree, like: PyTree, key) -> PyTree:
+    """`stochastic_round` every array of `new` to the dtype of its twin in `like`."""
+    leaves, treedef = jax.tree.flatten(new)
+    likes = treedef.flatten_up_to(like)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    out = [
+        stochastic_round(x, y.dtype, k) if hasattr(x, "dtype") else x
+        for x, y, k in zip(leaves, likes, keys)
+    ]
+    return jax.tree.unflatten(treedef, out)
+
+
+def tree_cast_up(tree: PyTree) -> PyTree:
+    """Every floating array lifted to its compute dtype (≥ f32)."""
+    return jax.tree.map(
+        lambda x: x.astype(compute_dtype(x.dtype))
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+        else x,
+        tree,
+    )
+
+
+def has_narrow_float(tree: PyTree) -> bool:
+    """Whether any array of `tree` is stored in bfloat16 (where rounding matters)."""
+    return any(
+        hasattr(x, "dtype") and jnp.dtype(x.dtype) == jnp.dtype(jnp.bfloat16)
+        for x in jax.tree.leaves(tree)
+    )

@@ -24,11 +24,15 @@ from ._norms import Normaliser
 from ._numerics import (
     abs2,
     compute_dtype,
+    has_narrow_float,
     init_scale_from_grads,
     init_scale_from_hvp,
     promote,
     safe_rms,
+    stochastic_round,
     tree_all_finite,
+    tree_cast_up,
+    tree_stochastic_round,
 )
 from ._precond.base import AbstractPrecond
 from ._probe import damped_probe
@@ -173,6 +177,7 @@ def scale_by_psgd(
     grad_clip_max_element: ArrayLike | None = 10.0,
     mu_dtype=None,
     key: PRNGKeyArray | ArrayLike = 42,
+    stochastic_rounding: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """The generic PSGD transformation: any preconditioner structure per leaf.
 
@@ -213,6 +218,9 @@ def scale_by_psgd(
     - `grad_clip_max_element`: element-wise clip after the RMS clip (`None` disables).
     - `mu_dtype`: storage dtype of the momentum (default: the gradient's dtype).
     - `key`: a PRNG key or an int seed.
+    - `stochastic_rounding`: when the momentum or a preconditioner is stored in bfloat16
+        (`mu_dtype`, `precond_dtype`), compute in f32 and round stochastically on write
+        (unbiased: tiny updates are not lost to rounding); `False` rounds to nearest.
 
     **Returns:** an `optax.GradientTransformationExtraArgs`. Its `update` accepts
     `update(updates, state, params=None, *, Hvp=None, vector=None,
@@ -327,7 +335,7 @@ def scale_by_psgd(
         q_leaves = treedef.flatten_up_to(state.precond)
         count = state.count
         finite = tree_all_finite(grads)
-        key, k_refit, k_draw = jax.random.split(state.key, 3)
+        key, k_refit, k_draw, k_round = jax.random.split(state.key, 4)
 
         normaliser = state.normaliser
         # 1. momentum (a non-finite gradient leaves the buffer untouched)
@@ -344,7 +352,11 @@ def scale_by_psgd(
             for m, g in zip(mu_leaves, g_leaves):
                 cd = compute_dtype(promote(m.dtype, g.dtype))
                 nm = beta.astype(cd) * m.astype(cd) + (1.0 - beta).astype(cd) * g.astype(cd)
-                new_mu.append(jnp.where(finite, nm.astype(m.dtype), m))
+                written = nm.astype(m.dtype)
+                if stochastic_rounding and jnp.dtype(m.dtype) == jnp.dtype(jnp.bfloat16):
+                    k_leaf = jax.random.fold_in(k_round, len(new_mu))
+                    written = stochastic_round(nm, m.dtype, k_leaf)
+                new_mu.append(jnp.where(finite, written, m))
                 m_hat.append((nm / debias.astype(cd)).astype(g.dtype))
             mu = jax.tree.unflatten(treedef, new_mu)
         else:
@@ -417,10 +429,13 @@ def scale_by_psgd(
             return out, g
 
         def _fit(q, key, x, v):
-            k_probe, k_step = jax.random.split(key)
+            k_probe, k_step, k_sr = jax.random.split(key, 3)
             vv, hh = damped_probe(k_probe, x, damping, v)
             pass_v = vv if (newton or q.needs_v) else None
-            return q.update(
+            narrow = stochastic_rounding and has_narrow_float(q)
+            # bf16 storage: fit on an f32 copy, then round the result stochastically, in
+            # this one place for every structure.
+            new = (tree_cast_up(q) if narrow else q).update(
                 pass_v,
                 hh,
                 lr=plr,
@@ -428,6 +443,7 @@ def scale_by_psgd(
                 normaliser=normaliser,
                 balance_probability=balance_probability,
             )
+            return tree_stochastic_round(new, q, k_sr) if narrow else new
 
         def maybe_refit(qs_gq):
             return jax.lax.cond(
