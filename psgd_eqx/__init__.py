@@ -23,6 +23,7 @@ from ._plan import (
     dense_axes as dense_axes,
     kron_plan as kron_plan,
     matrix_view as matrix_view,
+    plan_table as plan_table,
     scanned_predicate as scanned_predicate,
 )
 from ._precond import (

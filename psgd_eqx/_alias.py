@@ -12,7 +12,14 @@ from jaxtyping import ArrayLike, PRNGKeyArray
 
 from ._geometry import canonical_geometry
 from ._numerics import compute_dtype, promote
-from ._plan import affine_dense_sides, dense_axes, scanned_predicate, validate_structure_rules
+from ._plan import (
+    LeafPlan,
+    affine_dense_sides,
+    dense_axes,
+    kron_plan,
+    scanned_predicate,
+    validate_structure_rules,
+)
 from ._precond import LRAQ, AffineQ, DenseQ, DiagQ, KronQ, StackedQ, XMatQ
 from ._transform import GLOBAL, _as_key, scale_by_psgd
 
@@ -76,6 +83,7 @@ def scale_by_kron(
     lax_map_scanned_layers: bool = False,
     lax_map_batch_size: ArrayLike = 8,
     stochastic_rounding: bool = True,
+    memory_budget_bytes: ArrayLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Kronecker-factored PSGD (no learning rate, no weight decay): P·m, clipped.
 
@@ -115,6 +123,9 @@ def scale_by_kron(
         (it would call a function as a schedule).
     - `stochastic_rounding`: round bf16 momentum/factor writes stochastically (see
         [`psgd_eqx.scale_by_psgd`][]).
+    - `memory_budget_bytes`: a cap on the total preconditioner state; at `init` the
+        largest dense factors are demoted to diagonal until it holds (see
+        [`psgd_eqx.kron_plan`][] and [`psgd_eqx.plan_table`][] for the result).
 
     **Returns:** an `optax.GradientTransformationExtraArgs` whose state contains one
     [`psgd_eqx.PSGDState`][].
@@ -139,10 +150,12 @@ def scale_by_kron(
         dtype = _storage_dtype(p.dtype, precond_dtype)
 
         def make(shape):
+            # with a budget, the flags come from the whole-tree plan made at init
+            flags = budget_flags.get(jax.tree_util.keystr(path))
             return KronQ.init(
                 shape,
                 dtype,
-                dense=dense_axes(shape, **rules),
+                dense=dense_axes(shape, **rules) if flags is None else flags,
                 geometry=geometry,
                 cache_preconditioner=cache_preconditioner,
             )
@@ -156,7 +169,8 @@ def scale_by_kron(
             batch = int(concrete(lax_map_batch_size))  # an array under inject_hyperparams
         return StackedQ.init(make, p.shape, map_batch_size=batch)
 
-    return scale_by_psgd(
+    budget_flags: dict = {}
+    inner = scale_by_psgd(
         structure,
         b1=b1,
         whiten_grad=wg,
@@ -178,6 +192,30 @@ def scale_by_kron(
         grad_clip_max_element=grad_clip_max_element,
         stochastic_rounding=stochastic_rounding,
     )
+    if memory_budget_bytes is None:
+        return inner
+
+    def init_fn(params):
+        plan = kron_plan(
+            params,
+            **rules,
+            geometry=geometry,
+            precond_dtype=precond_dtype,
+            cache_preconditioner=cache_preconditioner,
+            scanned_layers=scanned_layers,
+            memory_budget_bytes=memory_budget_bytes,
+        )
+        flat = jax.tree_util.tree_flatten_with_path(
+            plan, is_leaf=lambda x: isinstance(x, LeafPlan)
+        )[0]
+        budget_flags.clear()
+        budget_flags.update(
+            {jax.tree_util.keystr(path): tuple(k != "diag" for k in lp.factor_kinds)
+             for path, lp in flat}
+        )
+        return inner.init(params)
+
+    return optax.GradientTransformationExtraArgs(init_fn, inner.update)
 
 
 def kron(
@@ -214,6 +252,7 @@ def kron(
     lax_map_scanned_layers: bool = False,
     lax_map_batch_size: ArrayLike = 8,
     stochastic_rounding: bool = True,
+    memory_budget_bytes: ArrayLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """PSGD with Kronecker-factored preconditioners: the drop-in optax optimizer.
 
@@ -274,6 +313,7 @@ def kron(
         lax_map_scanned_layers=lax_map_scanned_layers,
         lax_map_batch_size=lax_map_batch_size,
         stochastic_rounding=stochastic_rounding,
+        memory_budget_bytes=memory_budget_bytes,
     )
     return _with_lr_and_decay(scale, learning_rate, weight_decay, weight_decay_mask)
 

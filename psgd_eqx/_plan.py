@@ -224,19 +224,31 @@ class LeafPlan:
     **Fields:**
 
     - `shape`: the parameter's shape.
-    - `axes`: the squeezed shape the factors act on.
+    - `axes`: the squeezed shape the factors act on (of one layer, for a stacked leaf).
     - `factor_kinds`: per axis `"dense"`, `"triangular"` (dense under `EQ`) or `"diag"`.
-    - `state_bytes`: bytes of preconditioner state (factors, cache, Lipschitz estimates).
+    - `state_bytes`: bytes of preconditioner state (factors, cache, Lipschitz estimates;
+        all layers of a stacked leaf).
+    - `layers`: the number of stacked layers (1 unless the leaf is in `scanned_layers`).
     """
 
     shape: tuple[int, ...]
     axes: tuple[int, ...]
     factor_kinds: tuple[str, ...]
     state_bytes: int
+    layers: int = 1
 
     def __str__(self) -> str:
         kinds = " ⊗ ".join(f"{k}({n})" for k, n in zip(self.factor_kinds, self.axes))
-        return f"{self.shape} -> {kinds}: {self.state_bytes:,} B"
+        stack = f"{self.layers} × " if self.layers > 1 else ""
+        return f"{self.shape} -> {stack}{kinds}: {self.state_bytes:,} B"
+
+
+def _plan_bytes(axes, dense, dtype, cache_preconditioner, layers) -> int:
+    item = jnp.dtype(dtype).itemsize
+    nbytes = len(axes) * jnp.dtype(real_dtype(compute_dtype(dtype))).itemsize
+    for n, d in zip(axes, dense):
+        nbytes += n * n * item * (2 if cache_preconditioner else 1) if d else n * item
+    return nbytes * layers
 
 
 def leaf_plan(
@@ -245,23 +257,78 @@ def leaf_plan(
     *,
     geometry: str = "PRO",
     cache_preconditioner: bool = False,
+    scanned: bool = False,
+    dense: tuple[bool, ...] | None = None,
     **rules,
 ) -> LeafPlan:
     """The plan of one leaf; see [`psgd_eqx.kron_plan`][]."""
     geometry = canonical_geometry(geometry)
-    axes = squeezed_shape(tuple(shape))
-    dense = dense_axes(shape, **rules)
-    item = jnp.dtype(dtype).itemsize
-    nbytes = len(axes) * jnp.dtype(real_dtype(compute_dtype(dtype))).itemsize
-    kinds = []
-    for n, d in zip(axes, dense):
-        if d:
-            kinds.append("triangular" if geometry == "EQ" else "dense")
-            nbytes += n * n * item * (2 if cache_preconditioner else 1)
-        else:
-            kinds.append("diag")
-            nbytes += n * item
-    return LeafPlan(tuple(int(n) for n in shape), axes, tuple(kinds), nbytes)
+    shape = tuple(int(n) for n in shape)
+    layer_shape, layers = (shape[1:], shape[0]) if scanned else (shape, 1)
+    axes = squeezed_shape(layer_shape)
+    if dense is None:
+        dense = dense_axes(layer_shape, **rules)
+    kinds = tuple(
+        ("triangular" if geometry == "EQ" else "dense") if d else "diag" for d in dense
+    )
+    nbytes = _plan_bytes(axes, dense, dtype, cache_preconditioner, layers)
+    return LeafPlan(shape, axes, kinds, nbytes, layers)
+
+
+def _apply_budget(plans: list[LeafPlan], dtypes, budget: int, cache: bool) -> list[LeafPlan]:
+    """Demote the largest dense factors to diagonal until the total fits `budget`."""
+    plans = list(plans)
+
+    def total():
+        return sum(p.state_bytes for p in plans)
+
+    while total() > budget:
+        best = None
+        for i, p in enumerate(plans):
+            item = jnp.dtype(dtypes[i]).itemsize * (2 if cache else 1)
+            for j, (n, kind) in enumerate(zip(p.axes, p.factor_kinds)):
+                if kind != "diag":
+                    saved = (n * n * item - n * jnp.dtype(dtypes[i]).itemsize) * p.layers
+                    if best is None or saved > best[0]:
+                        best = (saved, i, j)
+        if best is None:
+            raise ValueError(
+                f"`memory_budget_bytes`={budget:,} is below the all-diagonal preconditioner "
+                f"state ({total():,} bytes)."
+            )
+        _, i, j = best
+        p = plans[i]
+        kinds = p.factor_kinds[:j] + ("diag",) + p.factor_kinds[j + 1 :]
+        dense = tuple(k != "diag" for k in kinds)
+        nbytes = _plan_bytes(p.axes, dense, dtypes[i], cache, p.layers)
+        plans[i] = dataclasses.replace(p, factor_kinds=kinds, state_bytes=nbytes)
+    return plans
+
+
+def plan_table(plan: PyTree) -> str:
+    """A Markdown table of a [`psgd_eqx.kron_plan`][]: one row per leaf, then the total.
+
+    **Arguments:**
+
+    - `plan`: the pytree of `LeafPlan`s returned by `kron_plan`.
+
+    **Returns:** the table as a string (print it).
+    """
+    rows = ["| leaf | shape | preconditioner | state bytes |", "|---|---|---|---|"]
+    flat = jax.tree_util.tree_flatten_with_path(
+        plan, is_leaf=lambda x: isinstance(x, LeafPlan)
+    )[0]
+    total = 0
+    for path, p in flat:
+        kinds = " ⊗ ".join(f"{k}({n})" for k, n in zip(p.factor_kinds, p.axes))
+        stack = f"{p.layers} × " if p.layers > 1 else ""
+        rows.append(
+            f"| `{jax.tree_util.keystr(path)}` | {p.shape} | {stack}{kinds} | "
+            f"{p.state_bytes:,} |"
+        )
+        total += p.state_bytes
+    rows.append(f"| **total** | | | **{total:,}** |")
+    return "\n".join(rows)
 
 
 def kron_plan(
@@ -274,26 +341,32 @@ def kron_plan(
     geometry: str = "PRO",
     precond_dtype=None,
     cache_preconditioner: bool = False,
+    scanned_layers: Any = None,
+    memory_budget_bytes: ArrayLike | None = None,
 ) -> PyTree[LeafPlan]:
     """The per-leaf preconditioner plan `kron(...)` would build, from shapes alone.
 
-    Nothing is printed by the optimizers; call this to see what each parameter gets.
+    Nothing is printed by the optimizers; call this (and [`psgd_eqx.plan_table`][]) to
+    see what each parameter gets.
 
     **Arguments:**
 
     - `params`: a pytree of arrays or `jax.ShapeDtypeStruct`s.
-    - the structure keywords of [`psgd_eqx.kron`][] (same names, same defaults).
+    - the structure keywords of [`psgd_eqx.kron`][] (same names, same defaults),
+        including `scanned_layers` and `memory_budget_bytes` (the largest dense factors
+        are demoted to diagonal until the total state fits; `ValueError` if even an
+        all-diagonal preconditioner does not).
 
     **Returns:** a pytree with the structure of `params` whose leaves are `LeafPlan`s
-    (`shape`, `axes`, `factor_kinds`, `state_bytes`; `str(plan)` gives one readable line).
+    (`shape`, `axes`, `factor_kinds`, `state_bytes`, `layers`; `str(plan)` gives one
+    readable line).
 
     !!! Example
 
         ```python
         plan = psgd_eqx.kron_plan({"w": jnp.zeros((768, 3072)), "b": jnp.zeros(3072)},
                                   max_skew_triangular=1.0)
-        for path, p in jax.tree_util.tree_leaves_with_path(plan):
-            print(jax.tree_util.keystr(path), p)
+        print(psgd_eqx.plan_table(plan))
         ```
     """
     rules = dict(
@@ -302,15 +375,35 @@ def kron_plan(
         max_skew_triangular=max_skew_triangular,
         memory_save_mode=memory_save_mode,
     )
-
-    def one(p):
-        dtype = precond_dtype if precond_dtype is not None else compute_dtype(p.dtype)
-        return leaf_plan(
+    is_scanned = scanned_predicate(scanned_layers)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    dtypes = [
+        precond_dtype if precond_dtype is not None else compute_dtype(p.dtype) for _, p in flat
+    ]
+    plans = [
+        leaf_plan(
             p.shape,
             dtype,
             geometry=geometry,
             cache_preconditioner=cache_preconditioner,
+            scanned=is_scanned(path, p),
             **rules,
         )
+        for (path, p), dtype in zip(flat, dtypes)
+    ]
+    if hasattr(memory_budget_bytes, "dtype"):  # an array from inject_hyperparams
+        from ._transform import concrete
 
-    return jax.tree.map(one, params)
+        given = memory_budget_bytes
+        memory_budget_bytes = concrete(memory_budget_bytes)
+        if memory_budget_bytes is None or not float(memory_budget_bytes).is_integer():
+            raise ValueError(f"`memory_budget_bytes` must be a concrete int; got {given!r}.")
+        memory_budget_bytes = int(memory_budget_bytes)
+    if memory_budget_bytes is not None:
+        if isinstance(memory_budget_bytes, bool) or not isinstance(memory_budget_bytes, int) \
+                or memory_budget_bytes < 0:
+            raise ValueError(
+                f"`memory_budget_bytes` must be an int >= 0 or None; got {memory_budget_bytes!r}."
+            )
+        plans = _apply_budget(plans, dtypes, memory_budget_bytes, cache_preconditioner)
+    return jax.tree_util.tree_unflatten(treedef, plans)

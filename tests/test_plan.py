@@ -77,3 +77,54 @@ def test_plan_over_a_tree_prints_nothing(capsys):
 def test_bad_rules_raise(kwargs, name):
     with pytest.raises(ValueError, match=name):
         pe.kron_plan(jnp.zeros((4, 4)), **kwargs)
+
+
+def _tree():
+    return {
+        "emb": jax.ShapeDtypeStruct((1000, 64), jnp.float32),
+        "blocks": {"w": jax.ShapeDtypeStruct((4, 64, 256), jnp.float32)},
+        "b": jax.ShapeDtypeStruct((64,), jnp.float32),
+    }
+
+
+def test_plan_scanned_layers_and_table():
+    scanned = {"emb": False, "blocks": {"w": True}, "b": False}
+    plan = pe.kron_plan(_tree(), scanned_layers=scanned)
+    w = plan["blocks"]["w"]
+    assert w.layers == 4 and w.axes == (64, 256) and w.factor_kinds == ("dense", "dense")
+    assert w.state_bytes == 4 * (4 * (64 * 64 + 256 * 256) + 2 * 4)
+    table = pe.plan_table(plan)
+    leaves = jax.tree.leaves(plan, is_leaf=lambda x: isinstance(x, pe.LeafPlan))
+    total = sum(p.state_bytes for p in leaves)
+    assert f"**{total:,}**" in table and "4 × dense(64) ⊗ dense(256)" in table
+
+
+def test_plan_budget_demotes_largest_dense_factor_first():
+    free = pe.kron_plan(_tree())
+    # the 1000×1000 factor of `emb` is by far the largest: it goes first
+    tight = pe.kron_plan(_tree(), memory_budget_bytes=3_000_000)
+    assert tight["emb"].factor_kinds == ("diag", "dense")
+    assert tight["blocks"]["w"].factor_kinds == free["blocks"]["w"].factor_kinds
+    leaves = jax.tree.leaves(tight, is_leaf=lambda x: isinstance(x, pe.LeafPlan))
+    assert sum(p.state_bytes for p in leaves) <= 3_000_000
+    # a budget below the all-diagonal state cannot be met
+    with pytest.raises(ValueError, match="memory_budget_bytes"):
+        pe.kron_plan(_tree(), memory_budget_bytes=1000)
+    with pytest.raises(ValueError, match="memory_budget_bytes"):
+        pe.kron_plan(_tree(), memory_budget_bytes=-1)
+
+
+def test_kron_builds_the_budgeted_plan():
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), _tree())
+    budget = 1_500_000
+    scanned = {"emb": False, "blocks": {"w": True}, "b": False}
+    opt = pe.kron(1e-3, scanned_layers=scanned, memory_budget_bytes=budget)
+    state = opt.init(params)
+    precond = state[0].precond
+    plan = pe.kron_plan(params, scanned_layers=scanned, memory_budget_bytes=budget)
+    assert precond["emb"].dense == tuple(k != "diag" for k in plan["emb"].factor_kinds)
+    nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(precond))
+    assert nbytes == sum(
+        p.state_bytes for p in jax.tree.leaves(plan, is_leaf=lambda x: isinstance(x, pe.LeafPlan))
+    )
+    assert nbytes <= budget
