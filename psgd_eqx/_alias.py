@@ -84,6 +84,7 @@ def scale_by_kron(
     lax_map_batch_size: ArrayLike = 8,
     stochastic_rounding: bool = True,
     memory_budget_bytes: ArrayLike | None = None,
+    precond_grad_accum: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Kronecker-factored PSGD (no learning rate, no weight decay): P·m, clipped.
 
@@ -126,6 +127,8 @@ def scale_by_kron(
     - `memory_budget_bytes`: a cap on the total preconditioner state; at `init` the
         largest dense factors are demoted to diagonal until it holds (see
         [`psgd_eqx.kron_plan`][] and [`psgd_eqx.plan_table`][] for the result).
+    - `precond_grad_accum`: fit on the average of the inputs since the last refit (see
+        [`psgd_eqx.scale_by_psgd`][]).
 
     **Returns:** an `optax.GradientTransformationExtraArgs` whose state contains one
     [`psgd_eqx.PSGDState`][].
@@ -191,6 +194,7 @@ def scale_by_kron(
         grad_clip_max_amp=grad_clip_max_amp,
         grad_clip_max_element=grad_clip_max_element,
         stochastic_rounding=stochastic_rounding,
+        precond_grad_accum=precond_grad_accum,
     )
     if memory_budget_bytes is None:
         return inner
@@ -253,6 +257,7 @@ def kron(
     lax_map_batch_size: ArrayLike = 8,
     stochastic_rounding: bool = True,
     memory_budget_bytes: ArrayLike | None = None,
+    precond_grad_accum: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """PSGD with Kronecker-factored preconditioners: the drop-in optax optimizer.
 
@@ -314,6 +319,7 @@ def kron(
         lax_map_batch_size=lax_map_batch_size,
         stochastic_rounding=stochastic_rounding,
         memory_budget_bytes=memory_budget_bytes,
+        precond_grad_accum=precond_grad_accum,
     )
     return _with_lr_and_decay(scale, learning_rate, weight_decay, weight_decay_mask)
 

@@ -56,6 +56,8 @@ class PSGDState(eqx.Module):
     - `refits`: number of refits done so far (int32), handy for logging.
     - `global_precond`: the one preconditioner over the concatenation of every leaf that
         `structure` mapped to [`psgd_eqx.GLOBAL`][] (`None` if there is none).
+    - `fit_accum`: with `precond_grad_accum`, the running sum of the fit inputs since the
+        last refit and their number (else `None`).
     - `normaliser`: the (static) step-size normaliser configuration fixed at `init`.
     - `global_mask`: (static) per leaf, in flattening order, whether it is in the global
         group.
@@ -68,6 +70,7 @@ class PSGDState(eqx.Module):
     refit_accumulator: Float[Array, ""]
     refits: Int[Array, ""]
     global_precond: AbstractPrecond | None = None
+    fit_accum: tuple[PyTree, Int[Array, ""]] | None = None
     normaliser: Normaliser = eqx.field(static=True, default=Normaliser())
     global_mask: tuple[bool, ...] = eqx.field(static=True, default=())
 
@@ -178,6 +181,7 @@ def scale_by_psgd(
     mu_dtype=None,
     key: PRNGKeyArray | ArrayLike = 42,
     stochastic_rounding: bool = True,
+    precond_grad_accum: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """The generic PSGD transformation: any preconditioner structure per leaf.
 
@@ -221,6 +225,11 @@ def scale_by_psgd(
     - `stochastic_rounding`: when the momentum or a preconditioner is stored in bfloat16
         (`mu_dtype`, `precond_dtype`), compute in f32 and round stochastically on write
         (unbiased: tiny updates are not lost to rounding); `False` rounds to nearest.
+    - `precond_grad_accum`: fit on the average of the fit inputs (gradients, or momenta
+        with `whiten_grad=False`) since the last refit instead of the latest one (an
+        extra params-sized f32 buffer). Averaging k inputs shrinks their noise, so with
+        refits every k steps the fitted P grows by up to √k for pure-noise gradients.
+        Ignored for Newton fitting.
 
     **Returns:** an `optax.GradientTransformationExtraArgs`. Its `update` accepts
     `update(updates, state, params=None, *, Hvp=None, vector=None,
@@ -310,10 +319,14 @@ def scale_by_psgd(
         # Separate buffers per field, so a jitted step can donate the whole state.
         count, refits = jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32)
         acc = jnp.zeros([], jnp.float32)
+        fit_accum = None
+        if precond_grad_accum:
+            sums = jax.tree.map(lambda p: jnp.zeros(p.shape, compute_dtype(p.dtype)), params)
+            fit_accum = (sums, jnp.zeros([], jnp.int32))
         return PSGDState(
             # () when nothing is global: the state's static metadata then does not depend
             # on the number of leaves (optax.tree.map_params inits on a leafless tree).
-            count, _as_key(key), mu, precond, acc, refits, gq, normaliser,
+            count, _as_key(key), mu, precond, acc, refits, gq, fit_accum, normaliser,
             tuple(mask) if any(mask) else (),
         )
 
@@ -373,6 +386,19 @@ def scale_by_psgd(
             fit_leaves = g_leaves if whiten_grad else m_hat
             v_leaves = [None] * len(g_leaves)
             fit_ok = finite
+        fit_accum = state.fit_accum
+        if fit_accum is not None and not newton:
+            # average the fit input over the steps since the last refit (skipping
+            # non-finite steps, which the momentum skips too)
+            sums, n = fit_accum
+            sums = [
+                jnp.where(finite, s + x.astype(s.dtype), s)
+                for s, x in zip(treedef.flatten_up_to(sums), fit_leaves)
+            ]
+            n = n + finite.astype(jnp.int32)
+            denom = jnp.maximum(n, 1)
+            fit_leaves = [(s / denom.astype(s.dtype)).astype(x.dtype)
+                          for s, x in zip(sums, fit_leaves)]
         acc = state.refit_accumulator
         if update_preconditioner is not None:
             want = jnp.asarray(update_preconditioner, bool)
@@ -466,6 +492,10 @@ def scale_by_psgd(
             out = precondition((q_leaves, gq))
             q_leaves, gq = maybe_refit((q_leaves, gq))
 
+        if fit_accum is not None and not newton:
+            sums = [jnp.where(do_refit, jnp.zeros_like(x), x) for x in sums]
+            fit_accum = (jax.tree.unflatten(treedef, sums), jnp.where(do_refit, 0, n))
+
         new_state = PSGDState(
             count=optax.safe_increment(count),
             key=key,
@@ -474,6 +504,7 @@ def scale_by_psgd(
             refit_accumulator=acc,
             refits=state.refits + do_refit.astype(jnp.int32),
             global_precond=gq,
+            fit_accum=fit_accum,
             normaliser=normaliser,
             global_mask=state.global_mask,
         )
