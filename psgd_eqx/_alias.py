@@ -24,6 +24,24 @@ from ._precond import LRAQ, AffineQ, DenseQ, DiagQ, KronQ, StackedQ, XMatQ
 from ._transform import GLOBAL, _as_key, scale_by_psgd
 
 
+def _init_int(name: str, value, minimum: int) -> int | None:
+    """An integer option as a Python int, validated; `None` while traced.
+
+    `optax.inject_hyperparams` passes numbers as arrays, traced inside `update`, where
+    these options (used only at `init`) need not be read.
+    """
+    from ._transform import concrete
+
+    number = concrete(value) if hasattr(value, "dtype") else value
+    if number is None:
+        return None
+    if isinstance(number, float) and number.is_integer():
+        number = int(number)
+    if isinstance(number, bool) or not isinstance(number, int) or number < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}; got {value!r}.")
+    return number
+
+
 def _storage_dtype(param_dtype, precond_dtype):
     """Preconditioner storage dtype: `precond_dtype` if given (kept complex for complex
     params), else the params' compute dtype (≥ f32)."""
@@ -167,9 +185,7 @@ def scale_by_kron(
             return make(p.shape)
         batch = None
         if lax_map_scanned_layers:
-            from ._transform import concrete
-
-            batch = int(concrete(lax_map_batch_size))  # an array under inject_hyperparams
+            batch = _init_int("lax_map_batch_size", lax_map_batch_size, 1)
         return StackedQ.init(make, p.shape, map_batch_size=batch)
 
     budget_flags: dict = {}
@@ -547,17 +563,8 @@ def lra(
 
     **Returns:** an `optax.GradientTransformationExtraArgs`.
     """
-    from ._transform import concrete
-
     legacy_rank = kwargs.pop("uvd_rank_of_approximation", None)
-    if legacy_rank is not None:
-        rank = legacy_rank
-    given = rank
-    if hasattr(rank, "dtype"):  # inject_hyperparams passes an array (traced in update)
-        rank = concrete(rank)
-        rank = int(rank) if rank is not None and float(rank).is_integer() else rank
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
-        raise ValueError(f"`rank` must be an int >= 0; got {given!r}.")
+    rank = _init_int("rank", rank if legacy_rank is None else legacy_rank, 0)
     counter = iter(range(1 << 30))
     seed = kwargs.get("key")
     seed = kwargs.get("seed") if seed is None else seed
@@ -600,17 +607,8 @@ def dense(
 
     **Returns:** an `optax.GradientTransformationExtraArgs`.
     """
-    from ._transform import concrete
-
     geometry = canonical_geometry(geometry)
-    given = max_size
-    if hasattr(max_size, "dtype"):  # inject_hyperparams: an array (traced in `update`)
-        max_size = concrete(max_size)
-        max_size = None if max_size is None else int(max_size)
-    if max_size is not None and (
-        isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1
-    ):
-        raise ValueError(f"`max_size` must be an int >= 1; got {given!r}.")
+    max_size = _init_int("max_size", max_size, 1)
 
     def make(shape, dt):
         n = int(np.prod(shape))

@@ -131,3 +131,20 @@ class Normaliser(eqx.Module):
         if self.beta == 0.0:
             return ell
         return jnp.maximum(self.beta * old + (1.0 - self.beta) * ell, ell)
+
+    def step(
+        self, old: Float[Array, ""], ell: Float[Array, ""], lr
+    ) -> tuple[Float[Array, ""], Float[Array, ""]]:
+        """The new Lipschitz estimate L and the normalised step η = μ/L of one factor.
+
+        **Arguments:**
+
+        - `old`: the previous estimate L (real scalar; sets the dtype of the results).
+        - `ell`: this step's norm bound ℓ.
+        - `lr`: the preconditioner learning rate μ.
+
+        **Returns:** `(L, η)`; η is finite even when L = 0.
+        """
+        big_l = self.lipschitz(old, ell)
+        tiny = jnp.finfo(big_l.dtype).tiny
+        return big_l, jnp.asarray(lr).astype(big_l.dtype) / jnp.maximum(big_l, tiny)

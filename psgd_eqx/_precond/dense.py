@@ -144,8 +144,7 @@ class DenseQ(AbstractPrecond):
                 t2 = one if vv is None else Outer(vv[:, None])
         k_ell, k_step = jax.random.split(key)
         ell = dense_lipschitz(t1, t2, k_ell, normaliser)
-        big_l = normaliser.lipschitz(self.lipschitz.astype(rd), ell)
-        eta = jnp.asarray(lr, rd) / jnp.maximum(big_l, jnp.finfo(rd).tiny)
+        big_l, eta = normaliser.step(self.lipschitz.astype(rd), ell, lr)
         new_q = dense_step(spec.name, q, t1, t2, eta, k_step, normaliser)
         new = DenseQ(new_q.astype(self.q.dtype), big_l.astype(self.lipschitz.dtype),
                      self.shape, self.geometry)

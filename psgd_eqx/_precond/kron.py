@@ -313,8 +313,7 @@ class KronQ(AbstractPrecond):
                 ell = dense_lipschitz(t1, t2, k_ell, normaliser)
             else:
                 ell = diag_lipschitz(t1, t2)
-            big_l = normaliser.lipschitz(old_l[i], ell)
-            eta = lr / jnp.maximum(big_l, jnp.finfo(real_dtype(cd)).tiny)
+            big_l, eta = normaliser.step(old_l[i], ell, lr)
             if d:
                 new_qs.append(dense_step(spec.name, q, t1, t2, eta, k_step, normaliser))
             else:

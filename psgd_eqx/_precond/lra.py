@@ -140,7 +140,6 @@ class LRAQ(AbstractPrecond):
         x = h.reshape(-1).astype(cd)
         probe = v.reshape(-1).astype(cd)
         lips = self.lipschitz.astype(rd)
-        tiny = jnp.finfo(rd).tiny
         lr = jnp.asarray(lr, rd)
 
         if self.rank:
@@ -173,8 +172,8 @@ class LRAQ(AbstractPrecond):
         # elementwise, so ℓ uses their max-abs rather than `diag_lipschitz`).
         t1, t2 = ph * x, probe * inv_p_v
         ell_d = jnp.max(jnp.abs(t1)) + jnp.max(jnp.abs(t2))
-        l_d = normaliser.lipschitz(lips[2], ell_d)
-        d_new = diag_step("EQ", d, t1, t2, lr / jnp.maximum(l_d, tiny))
+        l_d, eta_d = normaliser.step(lips[2], ell_d, lr)
+        d_new = diag_step("EQ", d, t1, t2, eta_d)
         l_u, l_v = lips[0], lips[1]
 
         if self.rank:
@@ -184,18 +183,18 @@ class LRAQ(AbstractPrecond):
                 atv, btv = a.T @ vm, b.T @ vm
                 ell = (jnp.linalg.norm(a) * jnp.linalg.norm(atv @ vm.T)
                        + jnp.linalg.norm(b) * jnp.linalg.norm(btv @ vm.T))
-                new_l = normaliser.lipschitz(l_u, ell)
+                new_l, eta = normaliser.step(l_u, ell, lr)
                 grad = a @ (atv @ ip_vtu) - b @ (btv @ ip_vtu)
-                return u - (lr / jnp.maximum(new_l, tiny)) * grad, vm, new_l, l_v
+                return u - eta * grad, vm, new_l, l_v
 
             def step_v(_):
                 atu, btu = a.T @ u, b.T @ u
                 uuta, uutb = u @ atu.T, u @ btu.T
                 ell = (jnp.linalg.norm(a) * jnp.linalg.norm(uuta)
                        + jnp.linalg.norm(b) * jnp.linalg.norm(uutb))
-                new_l = normaliser.lipschitz(l_v, ell)
+                new_l, eta = normaliser.step(l_v, ell, lr)
                 grad = (a + vm @ atu.T) @ atu - (b + vm @ btu.T) @ btu
-                return u, vm - (lr / jnp.maximum(new_l, tiny)) * grad, l_u, new_l
+                return u, vm - eta * grad, l_u, new_l
 
             u, vm, l_u, l_v = jax.lax.cond(jax.random.bernoulli(key), step_u, step_v, None)
 

@@ -191,8 +191,7 @@ class XMatQ(AbstractPrecond):
         t1, t2 = jax.vmap(stats, in_axes=(0, 0, in_v))(blocks, x, vp)
         ells = jax.vmap(lambda a, b: dense_lipschitz(a, b, k_ell, normaliser))(t1, t2)
         ell = jnp.max(ells) if m else jnp.zeros((), rd)
-        big_l = normaliser.lipschitz(self.lipschitz.astype(rd), ell)
-        eta = jnp.asarray(lr, rd) / jnp.maximum(big_l, jnp.finfo(rd).tiny)
+        big_l, eta = normaliser.step(self.lipschitz.astype(rd), ell, lr)
         new_blocks = jax.vmap(
             lambda b, a1, a2: dense_step(
                 spec.name, b, a1, a2, eta, k_step, normaliser, triangular=False
