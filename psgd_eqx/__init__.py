@@ -20,6 +20,7 @@ from ._numerics import (
 )
 from ._plan import (
     LeafPlan as LeafPlan,
+    block_pieces as block_pieces,
     dense_axes as dense_axes,
     kron_plan as kron_plan,
     matrix_view as matrix_view,
@@ -30,6 +31,7 @@ from ._precond import (
     LRAQ as LRAQ,
     AbstractPrecond as AbstractPrecond,
     AffineQ as AffineQ,
+    BlockedQ as BlockedQ,
     DenseQ as DenseQ,
     DiagQ as DiagQ,
     KronQ as KronQ,

@@ -15,31 +15,12 @@ from ._numerics import compute_dtype, promote
 from ._plan import (
     LeafPlan,
     affine_dense_sides,
-    dense_axes,
+    init_int,
     kron_plan,
-    scanned_predicate,
     validate_structure_rules,
 )
-from ._precond import LRAQ, AffineQ, DenseQ, DiagQ, KronQ, StackedQ, XMatQ
+from ._precond import LRAQ, AffineQ, BlockedQ, DenseQ, DiagQ, KronQ, StackedQ, XMatQ
 from ._transform import GLOBAL, _as_key, scale_by_psgd
-
-
-def _init_int(name: str, value, minimum: int) -> int | None:
-    """An integer option as a Python int, validated; `None` while traced.
-
-    `optax.inject_hyperparams` passes numbers as arrays, traced inside `update`, where
-    these options (used only at `init`) need not be read.
-    """
-    from ._transform import concrete
-
-    number = concrete(value) if hasattr(value, "dtype") else value
-    if number is None:
-        return None
-    if isinstance(number, float) and number.is_integer():
-        number = int(number)
-    if isinstance(number, bool) or not isinstance(number, int) or number < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}; got {value!r}.")
-    return number
 
 
 def _storage_dtype(param_dtype, precond_dtype):
@@ -103,6 +84,10 @@ def scale_by_kron(
     stochastic_rounding: bool = True,
     memory_budget_bytes: ArrayLike | None = None,
     precond_grad_accum: bool = False,
+    merge_small_dims: bool = False,
+    target_merged_dim_size: ArrayLike = 4096,
+    partition_grads_into_blocks: bool = False,
+    block_size: ArrayLike = 256,
 ) -> optax.GradientTransformationExtraArgs:
     """Kronecker-factored PSGD (no learning rate, no weight decay): P·m, clipped.
 
@@ -147,6 +132,11 @@ def scale_by_kron(
         [`psgd_eqx.kron_plan`][] and [`psgd_eqx.plan_table`][] for the result).
     - `precond_grad_accum`: fit on the average of the inputs since the last refit (see
         [`psgd_eqx.scale_by_psgd`][]).
+    - `merge_small_dims`, `target_merged_dim_size`: merge adjacent small axes (off by
+        default; distributed_kron's names), and `partition_grads_into_blocks`,
+        `block_size`: cut axes longer than `max_size_triangular` into dense blocks
+        instead of giving them a diagonal factor. See [`psgd_eqx.kron_plan`][] for the
+        rules and the memory cap.
 
     **Returns:** an `optax.GradientTransformationExtraArgs` whose state contains one
     [`psgd_eqx.PSGDState`][].
@@ -165,30 +155,38 @@ def scale_by_kron(
     if precond_dtype is not None:
         precond_dtype = jnp.dtype(precond_dtype)
 
-    is_scanned = scanned_predicate(scanned_layers)
+    block_size_int = init_int("block_size", block_size, 2)
+    init_int("target_merged_dim_size", target_merged_dim_size, 1)
+    plans: dict = {}  # filled by init_fn from the whole-tree plan, read by structure
 
     def structure(path, p):
         dtype = _storage_dtype(p.dtype, precond_dtype)
+        lp = plans[jax.tree_util.keystr(path)]
 
         def make(shape):
-            # with a budget, the flags come from the whole-tree plan made at init
-            flags = budget_flags.get(jax.tree_util.keystr(path))
-            return KronQ.init(
-                shape,
-                dtype,
-                dense=dense_axes(shape, **rules) if flags is None else flags,
-                geometry=geometry,
-                cache_preconditioner=cache_preconditioner,
-            )
+            if not lp.blocks:
+                return KronQ.init(
+                    shape, dtype, dense=lp.dense, geometry=geometry,
+                    cache_preconditioner=cache_preconditioner,
+                    merged=lp.axes if lp.merged else None,
+                )
 
-        if not is_scanned(path, p):
+            def block(s):
+                return KronQ.init(s, dtype, dense=lp.dense, geometry=geometry,
+                                  cache_preconditioner=cache_preconditioner, merged=s)
+
+            sizes = tuple(
+                None if b == ((1, n),) else block_size_int for b, n in zip(lp.blocks, lp.axes)
+            )
+            return BlockedQ.init(block, shape, lp.axes, sizes)
+
+        if not lp.scanned:
             return make(p.shape)
         batch = None
         if lax_map_scanned_layers:
-            batch = _init_int("lax_map_batch_size", lax_map_batch_size, 1)
+            batch = init_int("lax_map_batch_size", lax_map_batch_size, 1)
         return StackedQ.init(make, p.shape, map_batch_size=batch)
 
-    budget_flags: dict = {}
     inner = scale_by_psgd(
         structure,
         b1=b1,
@@ -212,9 +210,6 @@ def scale_by_kron(
         stochastic_rounding=stochastic_rounding,
         precond_grad_accum=precond_grad_accum,
     )
-    if memory_budget_bytes is None:
-        return inner
-
     def init_fn(params):
         plan = kron_plan(
             params,
@@ -224,15 +219,16 @@ def scale_by_kron(
             cache_preconditioner=cache_preconditioner,
             scanned_layers=scanned_layers,
             memory_budget_bytes=memory_budget_bytes,
+            merge_small_dims=merge_small_dims,
+            target_merged_dim_size=target_merged_dim_size,
+            partition_grads_into_blocks=partition_grads_into_blocks,
+            block_size=block_size,
         )
         flat = jax.tree_util.tree_flatten_with_path(
             plan, is_leaf=lambda x: isinstance(x, LeafPlan)
         )[0]
-        budget_flags.clear()
-        budget_flags.update(
-            {jax.tree_util.keystr(path): tuple(k != "diag" for k in lp.factor_kinds)
-             for path, lp in flat}
-        )
+        plans.clear()
+        plans.update({jax.tree_util.keystr(path): lp for path, lp in flat})
         return inner.init(params)
 
     return optax.GradientTransformationExtraArgs(init_fn, inner.update)
@@ -274,6 +270,10 @@ def kron(
     stochastic_rounding: bool = True,
     memory_budget_bytes: ArrayLike | None = None,
     precond_grad_accum: bool = False,
+    merge_small_dims: bool = False,
+    target_merged_dim_size: ArrayLike = 4096,
+    partition_grads_into_blocks: bool = False,
+    block_size: ArrayLike = 256,
 ) -> optax.GradientTransformationExtraArgs:
     """PSGD with Kronecker-factored preconditioners: the drop-in optax optimizer.
 
@@ -336,6 +336,10 @@ def kron(
         stochastic_rounding=stochastic_rounding,
         memory_budget_bytes=memory_budget_bytes,
         precond_grad_accum=precond_grad_accum,
+        merge_small_dims=merge_small_dims,
+        target_merged_dim_size=target_merged_dim_size,
+        partition_grads_into_blocks=partition_grads_into_blocks,
+        block_size=block_size,
     )
     return _with_lr_and_decay(scale, learning_rate, weight_decay, weight_decay_mask)
 
@@ -564,7 +568,7 @@ def lra(
     **Returns:** an `optax.GradientTransformationExtraArgs`.
     """
     legacy_rank = kwargs.pop("uvd_rank_of_approximation", None)
-    rank = _init_int("rank", rank if legacy_rank is None else legacy_rank, 0)
+    rank = init_int("rank", rank if legacy_rank is None else legacy_rank, 0)
     counter = iter(range(1 << 30))
     seed = kwargs.get("key")
     seed = kwargs.get("seed") if seed is None else seed
@@ -608,7 +612,7 @@ def dense(
     **Returns:** an `optax.GradientTransformationExtraArgs`.
     """
     geometry = canonical_geometry(geometry)
-    max_size = _init_int("max_size", max_size, 1)
+    max_size = init_int("max_size", max_size, 1)
 
     def make(shape, dt):
         n = int(np.prod(shape))

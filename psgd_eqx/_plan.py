@@ -30,6 +30,24 @@ from ._geometry import canonical_geometry
 from ._numerics import compute_dtype, real_dtype
 
 
+def init_int(name: str, value, minimum: int) -> int | None:
+    """An integer option as a Python int, validated; `None` while traced.
+
+    `optax.inject_hyperparams` passes numbers as arrays, traced inside `update`, where
+    these options (used only at `init`) need not be read.
+    """
+    from ._transform import concrete
+
+    number = concrete(value) if hasattr(value, "dtype") else value
+    if number is None:
+        return None
+    if isinstance(number, float) and number.is_integer():
+        number = int(number)
+    if isinstance(number, bool) or not isinstance(number, int) or number < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}; got {value!r}.")
+    return number
+
+
 def squeezed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     """The axes that get a factor: size-1 axes are dropped; a scalar (or all-ones shape) is
     treated as a length-1 vector with one diagonal factor."""
@@ -217,6 +235,18 @@ def dense_axes(
     return tuple(out)
 
 
+def block_pieces(n: int, block_size: int) -> tuple[tuple[int, int], ...]:
+    """Cut an axis of length n into k = ⌈n / block_size⌉ blocks of (almost) equal length.
+
+    **Returns:** `((count, size), ...)`: `n % k` blocks of ⌊n/k⌋+1 then the rest of
+    ⌊n/k⌋ (one piece if k divides n), so no padding is ever needed.
+    """
+    k = -(-n // block_size)
+    size, extra = divmod(n, k)
+    pieces = ((extra, size + 1),) if extra else ()
+    return pieces + ((k - extra, size),)
+
+
 @dataclasses.dataclass(frozen=True)
 class LeafPlan:
     """What one parameter leaf gets.
@@ -224,11 +254,16 @@ class LeafPlan:
     **Fields:**
 
     - `shape`: the parameter's shape.
-    - `axes`: the squeezed shape the factors act on (of one layer, for a stacked leaf).
-    - `factor_kinds`: per axis `"dense"`, `"triangular"` (dense under `EQ`) or `"diag"`.
+    - `axes`: the shape the factors act on: one layer's squeezed shape, with adjacent axes
+        merged if `merge_small_dims` merged them.
+    - `factor_kinds`: per axis of `axes`: `"dense"`, `"triangular"` (dense under `EQ`) or
+        `"diag"`.
     - `state_bytes`: bytes of preconditioner state (factors, cache, Lipschitz estimates;
-        all layers of a stacked leaf).
+        all layers and blocks).
     - `layers`: the number of stacked layers (1 unless the leaf is in `scanned_layers`).
+    - `blocks`: `()` if the leaf is not cut into blocks; else per axis of `axes` its
+        pieces `((count, size), ...)` (see [`psgd_eqx.BlockedQ`][]).
+    - `scanned`: whether the leading axis stacks layers.
     """
 
     shape: tuple[int, ...]
@@ -236,19 +271,117 @@ class LeafPlan:
     factor_kinds: tuple[str, ...]
     state_bytes: int
     layers: int = 1
+    blocks: tuple[tuple[tuple[int, int], ...], ...] = ()
+    scanned: bool = False
+
+    @property
+    def dense(self) -> tuple[bool, ...]:
+        """Per axis of `axes`: whether its factor (of every block) is dense."""
+        return tuple(k != "diag" for k in self.factor_kinds)
+
+    @property
+    def merged(self) -> bool:
+        """Whether adjacent axes were merged."""
+        return self.axes != squeezed_shape(self.shape[1:] if self.scanned else self.shape)
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks per layer (1 when not blocked)."""
+        return math.prod(sum(c for c, _ in p) for p in self.blocks) if self.blocks else 1
+
+    def describe(self) -> str:
+        """The preconditioner in words, e.g. `4 × [3 blocks] dense(≤256) ⊗ diag(768)`."""
+        parts = []
+        for i, (kind, n) in enumerate(zip(self.factor_kinds, self.axes)):
+            if self.blocks and self.blocks[i] != ((1, n),):
+                n = f"≤{max(s for _, s in self.blocks[i])}"
+            parts.append(f"{kind}({n})")
+        text = " ⊗ ".join(parts)
+        if self.merged:
+            text = f"merged {self.axes}: {text}"
+        if self.num_blocks > 1:
+            text = f"{self.num_blocks} blocks of {text}"
+        if self.layers > 1:
+            text = f"{self.layers} layers × {text}"
+        return text
 
     def __str__(self) -> str:
-        kinds = " ⊗ ".join(f"{k}({n})" for k, n in zip(self.factor_kinds, self.axes))
-        stack = f"{self.layers} × " if self.layers > 1 else ""
-        return f"{self.shape} -> {stack}{kinds}: {self.state_bytes:,} B"
+        return f"{self.shape} -> {self.describe()}: {self.state_bytes:,} B"
 
 
-def _plan_bytes(axes, dense, dtype, cache_preconditioner, layers) -> int:
+def _groups(axes, blocks):
+    """(count, block shape) of each block shape in a leaf."""
+    if not blocks:
+        return [(1, tuple(axes))]
+    return [
+        (math.prod(c for c, _ in combo), tuple(s for _, s in combo))
+        for combo in itertools.product(*blocks)
+    ]
+
+
+def _factor_entries(axes, dense, blocks=()) -> int:
+    """Entries of the factors of one layer (no cache, no Lipschitz state)."""
+    return sum(
+        count * sum(n * n if d else n for n, d in zip(shape, dense))
+        for count, shape in _groups(axes, blocks)
+    )
+
+
+def _plan_bytes(axes, dense, dtype, cache_preconditioner, layers, blocks=()) -> int:
     item = jnp.dtype(dtype).itemsize
-    nbytes = len(axes) * jnp.dtype(real_dtype(compute_dtype(dtype))).itemsize
-    for n, d in zip(axes, dense):
-        nbytes += n * n * item * (2 if cache_preconditioner else 1) if d else n * item
+    lip = jnp.dtype(real_dtype(compute_dtype(dtype))).itemsize
+    nbytes = 0
+    for count, shape in _groups(axes, blocks):
+        per = len(shape) * lip
+        for n, d in zip(shape, dense):
+            per += n * n * item * (2 if cache_preconditioner else 1) if d else n * item
+        nbytes += count * per
     return nbytes * layers
+
+
+def _compositions(k: int):
+    """Every way to cut k axes into contiguous groups, as tuples of group lengths."""
+    for cuts in itertools.product((False, True), repeat=k - 1):
+        sizes, run = [], 1
+        for cut in cuts:
+            if cut:
+                sizes.append(run)
+                run = 1
+            else:
+                run += 1
+        sizes.append(run)
+        yield tuple(sizes)
+
+
+def merged_axes(axes: tuple[int, ...], target: int, cap: int, rules: dict) -> tuple[int, ...]:
+    """`merge_small_dims`: the coarsest merge of adjacent axes that the rules allow.
+
+    A group of axes is merged only if its product is at most `target` and the merged axis
+    still gets a dense factor (merging into a diagonal factor would throw away the small
+    dense ones); a candidate is kept only if its factors hold at most `cap` entries. Among
+    the candidates the one with the fewest axes wins, then the smallest.
+    """
+    if len(axes) < 2 or len(axes) > 12:
+        return axes
+    best = (len(axes), _factor_entries(axes, dense_axes(axes, **rules)), axes)
+    for sizes in _compositions(len(axes)):
+        if len(sizes) == len(axes):
+            continue
+        merged, i, ok = [], 0, True
+        for g in sizes:
+            merged.append(math.prod(axes[i : i + g]))
+            ok &= g == 1 or merged[-1] <= target
+            i += g
+        if not ok:
+            continue
+        merged = tuple(merged)
+        dense = dense_axes(merged, **rules)
+        if any(g > 1 and not d for g, d in zip(sizes, dense)):
+            continue
+        entries = _factor_entries(merged, dense)
+        if entries <= cap and (len(merged), entries) < best[:2]:
+            best = (len(merged), entries, merged)
+    return best[2]
 
 
 def leaf_plan(
@@ -259,6 +392,10 @@ def leaf_plan(
     cache_preconditioner: bool = False,
     scanned: bool = False,
     dense: tuple[bool, ...] | None = None,
+    merge_small_dims: bool = False,
+    target_merged_dim_size: int = 4096,
+    partition_grads_into_blocks: bool = False,
+    block_size: int = 256,
     **rules,
 ) -> LeafPlan:
     """The plan of one leaf; see [`psgd_eqx.kron_plan`][]."""
@@ -266,13 +403,47 @@ def leaf_plan(
     shape = tuple(int(n) for n in shape)
     layer_shape, layers = (shape[1:], shape[0]) if scanned else (shape, 1)
     axes = squeezed_shape(layer_shape)
+    # Merging and blocking may never cost more than dense factors on every original axis.
+    cap = sum(n * n for n in axes)
+    blocks = ()
     if dense is None:
-        dense = dense_axes(layer_shape, **rules)
+        if merge_small_dims:
+            axes = merged_axes(axes, target_merged_dim_size, cap, rules)
+        dense = dense_axes(axes, **rules)
+        if partition_grads_into_blocks:
+            free = dense_axes(axes, **{**rules, "max_size_triangular": float("inf")})
+            cut = [not d and f and n > block_size for n, d, f in zip(axes, dense, free)]
+            # the largest axes first; an axis stays diagonal if cutting it breaks the cap
+            blocked = [False] * len(axes)
+            for i in sorted(range(len(axes)), key=lambda i: -axes[i]):
+                if not cut[i]:
+                    continue
+                trial = blocked[:i] + [True] + blocked[i + 1 :]
+                pieces = tuple(
+                    block_pieces(n, block_size) if b else ((1, n),) for n, b in zip(axes, trial)
+                )
+                trial_dense = tuple(d or b for d, b in zip(dense, trial))
+                if _factor_entries(axes, trial_dense, pieces) <= cap:
+                    blocked, blocks, dense = trial, pieces, trial_dense
+            dense = tuple(bool(d) for d in dense)
     kinds = tuple(
         ("triangular" if geometry == "EQ" else "dense") if d else "diag" for d in dense
     )
-    nbytes = _plan_bytes(axes, dense, dtype, cache_preconditioner, layers)
-    return LeafPlan(shape, axes, kinds, nbytes, layers)
+    nbytes = _plan_bytes(axes, dense, dtype, cache_preconditioner, layers, blocks)
+    return LeafPlan(shape, axes, kinds, nbytes, layers, blocks, scanned)
+
+
+def _demote(p: LeafPlan, j: int, dtype, cache: bool) -> LeafPlan:
+    """`p` with axis j's factor made diagonal (and that axis no longer cut into blocks)."""
+    kinds = p.factor_kinds[:j] + ("diag",) + p.factor_kinds[j + 1 :]
+    blocks = p.blocks
+    if blocks:
+        blocks = blocks[:j] + (((1, p.axes[j]),),) + blocks[j + 1 :]
+        if all(b == ((1, n),) for b, n in zip(blocks, p.axes)):
+            blocks = ()
+    dense = tuple(k != "diag" for k in kinds)
+    nbytes = _plan_bytes(p.axes, dense, dtype, cache, p.layers, blocks)
+    return dataclasses.replace(p, factor_kinds=kinds, state_bytes=nbytes, blocks=blocks)
 
 
 def _apply_budget(plans: list[LeafPlan], dtypes, budget: int, cache: bool) -> list[LeafPlan]:
@@ -285,23 +456,19 @@ def _apply_budget(plans: list[LeafPlan], dtypes, budget: int, cache: bool) -> li
     while total() > budget:
         best = None
         for i, p in enumerate(plans):
-            item = jnp.dtype(dtypes[i]).itemsize * (2 if cache else 1)
-            for j, (n, kind) in enumerate(zip(p.axes, p.factor_kinds)):
+            for j, kind in enumerate(p.factor_kinds):
                 if kind != "diag":
-                    saved = (n * n * item - n * jnp.dtype(dtypes[i]).itemsize) * p.layers
+                    demoted = _demote(p, j, dtypes[i], cache)
+                    saved = p.state_bytes - demoted.state_bytes
                     if best is None or saved > best[0]:
-                        best = (saved, i, j)
+                        best = (saved, i, demoted)
         if best is None:
             raise ValueError(
                 f"`memory_budget_bytes`={budget:,} is below the all-diagonal preconditioner "
                 f"state ({total():,} bytes)."
             )
-        _, i, j = best
-        p = plans[i]
-        kinds = p.factor_kinds[:j] + ("diag",) + p.factor_kinds[j + 1 :]
-        dense = tuple(k != "diag" for k in kinds)
-        nbytes = _plan_bytes(p.axes, dense, dtypes[i], cache, p.layers)
-        plans[i] = dataclasses.replace(p, factor_kinds=kinds, state_bytes=nbytes)
+        _, i, demoted = best
+        plans[i] = demoted
     return plans
 
 
@@ -320,10 +487,8 @@ def plan_table(plan: PyTree) -> str:
     )[0]
     total = 0
     for path, p in flat:
-        kinds = " ⊗ ".join(f"{k}({n})" for k, n in zip(p.factor_kinds, p.axes))
-        stack = f"{p.layers} × " if p.layers > 1 else ""
         rows.append(
-            f"| `{jax.tree_util.keystr(path)}` | {p.shape} | {stack}{kinds} | "
+            f"| `{jax.tree_util.keystr(path)}` | {p.shape} | {p.describe()} | "
             f"{p.state_bytes:,} |"
         )
         total += p.state_bytes
@@ -343,6 +508,10 @@ def kron_plan(
     cache_preconditioner: bool = False,
     scanned_layers: Any = None,
     memory_budget_bytes: ArrayLike | None = None,
+    merge_small_dims: bool = False,
+    target_merged_dim_size: ArrayLike = 4096,
+    partition_grads_into_blocks: bool = False,
+    block_size: ArrayLike = 256,
 ) -> PyTree[LeafPlan]:
     """The per-leaf preconditioner plan `kron(...)` would build, from shapes alone.
 
@@ -356,6 +525,18 @@ def kron_plan(
         including `scanned_layers` and `memory_budget_bytes` (the largest dense factors
         are demoted to diagonal until the total state fits; `ValueError` if even an
         all-diagonal preconditioner does not).
+    - `merge_small_dims`, `target_merged_dim_size`: merge adjacent axes (of one layer,
+        after squeezing) into axes of at most this size, as coarsely as possible, where
+        the merged axis still gets a dense factor.
+    - `partition_grads_into_blocks`, `block_size`: cut every axis that is diagonal only
+        because it is longer than `max_size_triangular` into blocks of at most
+        `block_size`, each block with a dense factor (block-diagonal preconditioning of
+        that axis; see [`psgd_eqx.BlockedQ`][]). Blocks have (almost) equal lengths, so
+        nothing is padded.
+
+    Merging and blocking never give a leaf factors with more entries than dense factors on
+    each of its original (squeezed) axes would have, Σᵢ nᵢ²: a merge or a cut that
+    would is not made. A (64, 32) weight therefore never gets more than 64² + 32² entries.
 
     **Returns:** a pytree with the structure of `params` whose leaves are `LeafPlan`s
     (`shape`, `axes`, `factor_kinds`, `state_bytes`, `layers`; `str(plan)` gives one
@@ -376,6 +557,8 @@ def kron_plan(
         memory_save_mode=memory_save_mode,
     )
     is_scanned = scanned_predicate(scanned_layers)
+    target_merged_dim_size = init_int("target_merged_dim_size", target_merged_dim_size, 1)
+    block_size = init_int("block_size", block_size, 2)
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     dtypes = [
         precond_dtype if precond_dtype is not None else compute_dtype(p.dtype) for _, p in flat
@@ -387,6 +570,10 @@ def kron_plan(
             geometry=geometry,
             cache_preconditioner=cache_preconditioner,
             scanned=is_scanned(path, p),
+            merge_small_dims=bool(merge_small_dims),
+            target_merged_dim_size=target_merged_dim_size,
+            partition_grads_into_blocks=bool(partition_grads_into_blocks),
+            block_size=block_size,
             **rules,
         )
         for (path, p), dtype in zip(flat, dtypes)

@@ -1,5 +1,6 @@
 from .affine import AffineQ as AffineQ
 from .base import AbstractPrecond as AbstractPrecond
+from .blocked import BlockedQ as BlockedQ
 from .dense import DenseQ as DenseQ
 from .diag import DiagQ as DiagQ
 from .kron import KronQ as KronQ

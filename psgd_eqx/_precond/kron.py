@@ -81,7 +81,9 @@ class KronQ(AbstractPrecond):
 
     Fields: `factors` (one array per squeezed axis), `lipschitz` (the per-factor
     Lipschitz estimates L, kept in f32), `cache` (optional Pᵢ = QᵢᴴQᵢ per dense factor,
-    recomputed at each refit so that `apply` costs one product per axis between refits).
+    recomputed at each refit so that `apply` costs one product per axis between refits),
+    `merged` (static, optional: the factors act on this reshape of the squeezed shape,
+    adjacent axes merged; see `merge_small_dims` in [`psgd_eqx.kron_plan`][]).
     """
 
     factors: tuple[Array, ...]
@@ -90,9 +92,14 @@ class KronQ(AbstractPrecond):
     shape: tuple[int, ...] = eqx.field(static=True)
     dense: tuple[bool, ...] = eqx.field(static=True)
     geometry: str = eqx.field(static=True)
+    merged: tuple[int, ...] | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
-        axes = squeezed_shape(self.shape)
+        axes = self.axes_shape
+        if math.prod(axes) != math.prod(squeezed_shape(self.shape)):
+            raise ValueError(
+                f"`KronQ(merged=...)`: {self.merged} is not a reshape of shape {self.shape}."
+            )
         if len(self.factors) != len(axes) or len(self.dense) != len(axes):
             raise ValueError(
                 f"`KronQ` needs one factor per squeezed axis {axes} of shape {self.shape}; "
@@ -122,6 +129,7 @@ class KronQ(AbstractPrecond):
         geometry: str = "PRO",
         init_scale: float | ArrayLike = 1.0,
         cache_preconditioner: bool = False,
+        merged: tuple[int, ...] | None = None,
     ) -> "KronQ":
         """Q = `init_scale`·I for a parameter of the given shape.
 
@@ -136,12 +144,19 @@ class KronQ(AbstractPrecond):
         - `init_scale`: the overall scale of Q (spread evenly over the factors).
         - `cache_preconditioner`: keep Pᵢ = QᵢᴴQᵢ of the dense factors (more memory,
             cheaper `apply` between refits).
+        - `merged`: optional shape the factors act on instead of the squeezed shape: a
+            reshape of it that merges adjacent axes (then `dense` has one flag per
+            merged axis).
 
         **Returns:** the preconditioner.
         """
         shape = tuple(int(n) for n in shape)
         geometry = canonical_geometry(geometry)
-        axes = squeezed_shape(shape)
+        if merged is not None:
+            merged = tuple(int(n) for n in merged)
+            if math.prod(merged) != math.prod(squeezed_shape(shape)):
+                raise ValueError(f"`merged`={merged} is not a reshape of shape {shape}.")
+        axes = squeezed_shape(shape) if merged is None else merged
         if dense is None:
             dense = tuple(n > 1 for n in axes)
         dense = tuple(bool(d) and n > 1 for d, n in zip(dense, axes))
@@ -156,15 +171,15 @@ class KronQ(AbstractPrecond):
             for n, d in zip(axes, dense)
         )
         lip = jnp.zeros((len(axes),), real_dtype(compute_dtype(dtype)))
-        out = cls(factors, lip, None, shape, dense, geometry)
+        out = cls(factors, lip, None, shape, dense, geometry, merged)
         return out._with_cache(cache_preconditioner)
 
     # -- helpers ---------------------------------------------------------------------
 
     @property
     def axes_shape(self) -> tuple[int, ...]:
-        """The squeezed shape the factors act on."""
-        return squeezed_shape(self.shape)
+        """The shape the factors act on: the squeezed shape, or `merged`."""
+        return squeezed_shape(self.shape) if self.merged is None else self.merged
 
     @property
     def needs_v(self) -> bool:
@@ -326,7 +341,7 @@ class KronQ(AbstractPrecond):
 
         factors = tuple(nq.astype(f.dtype) for nq, f in zip(new_qs, self.factors))
         out = KronQ(factors, new_lip.astype(self.lipschitz.dtype), None, self.shape,
-                    self.dense, self.geometry)
+                    self.dense, self.geometry, self.merged)
         return keep_if_finite(out._with_cache(self.cache is not None), self, h, v)
 
     def rescale(self, scale: ArrayLike) -> "KronQ":
@@ -340,7 +355,8 @@ class KronQ(AbstractPrecond):
         """
         per = GeometrySpec(self.geometry).factor_scale(scale) ** (1.0 / len(self.factors))
         factors = tuple(f * per.astype(f.dtype) for f in self.factors)
-        out = KronQ(factors, self.lipschitz, None, self.shape, self.dense, self.geometry)
+        out = KronQ(factors, self.lipschitz, None, self.shape, self.dense, self.geometry,
+                    self.merged)
         return out._with_cache(self.cache is not None)
 
     def as_matrix(self) -> Shaped[Array, "n n"]:

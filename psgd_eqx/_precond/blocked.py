@@ -1,0 +1,211 @@
+import itertools
+import math
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, PRNGKeyArray, Shaped
+
+from .._norms import Normaliser
+from .._plan import block_pieces, squeezed_shape
+from .base import AbstractPrecond, check_fit_pair, check_shape
+
+
+# One axis cut into blocks: ((count, size), ...) with at most two sizes, largest first.
+Pieces = tuple[tuple[int, int], ...]
+
+
+def _groups(pieces: tuple[Pieces, ...]) -> list[tuple[int, ...]]:
+    """Every combination of one piece per axis: the block shapes that occur."""
+    return list(itertools.product(*(range(len(p)) for p in pieces)))
+
+
+def _region(pieces: tuple[Pieces, ...], group: tuple[int, ...]) -> tuple[slice, ...]:
+    """The contiguous slice of the tensor tiled by the blocks of `group`."""
+    out = []
+    for axis_pieces, j in zip(pieces, group):
+        start = sum(c * s for c, s in axis_pieces[:j])
+        c, s = axis_pieces[j]
+        out.append(slice(start, start + c * s))
+    return tuple(out)
+
+
+def to_blocks(x: Array, pieces: tuple[Pieces, ...]) -> list[Array]:
+    """Cut `x` (shape = the blocked axes) into one `(count, *block_shape)` stack per group."""
+    k = x.ndim
+    out = []
+    for group in _groups(pieces):
+        counts = [pieces[i][j][0] for i, j in enumerate(group)]
+        sizes = [pieces[i][j][1] for i, j in enumerate(group)]
+        r = x[_region(pieces, group)]
+        r = r.reshape([n for cs in zip(counts, sizes) for n in cs])
+        r = r.transpose([2 * i for i in range(k)] + [2 * i + 1 for i in range(k)])
+        out.append(r.reshape(math.prod(counts), *sizes))
+    return out
+
+
+def from_blocks(blocks: list[Array], pieces: tuple[Pieces, ...], dtype) -> Array:
+    """The inverse of `to_blocks`."""
+    shape = tuple(sum(c * s for c, s in p) for p in pieces)
+    k = len(shape)
+    x = jnp.zeros(shape, dtype)
+    for b, group in zip(blocks, _groups(pieces)):
+        counts = [pieces[i][j][0] for i, j in enumerate(group)]
+        sizes = [pieces[i][j][1] for i, j in enumerate(group)]
+        r = b.reshape(*counts, *sizes)
+        r = r.transpose([i for pair in zip(range(k), range(k, 2 * k)) for i in pair])
+        x = x.at[_region(pieces, group)].set(r.reshape([c * s for c, s in zip(counts, sizes)]))
+    return x
+
+
+class BlockedQ(AbstractPrecond):
+    """A block-diagonal preconditioner: the tensor is cut into blocks, each with its own
+    inner preconditioner (distributed_kron's `partition_grads_into_blocks`).
+
+    An axis of length n cut into k = ⌈n / block_size⌉ blocks gets blocks of ⌊n/k⌋ and
+    ⌊n/k⌋+1 elements, so nothing is ever padded: every block is fitted on real entries
+    only and equals an unblocked preconditioner of that sub-tensor. Blocks of the same
+    shape are stacked and handled by one `vmap`, so a tensor has at most 2ᵇ stacks for b
+    blocked axes.
+
+    Fields: `groups` (one batched inner preconditioner per block shape), `shape` (the
+    parameter's shape), `axes` (the squeezed, possibly merged, shape that is cut),
+    `pieces` (per axis, `((count, size), ...)`).
+    """
+
+    groups: tuple[AbstractPrecond, ...]
+    shape: tuple[int, ...] = eqx.field(static=True)
+    axes: tuple[int, ...] = eqx.field(static=True)
+    pieces: tuple[Pieces, ...] = eqx.field(static=True)
+
+    def __check_init__(self):
+        if math.prod(self.axes) != math.prod(squeezed_shape(self.shape)):
+            raise ValueError(f"`BlockedQ`: axes {self.axes} do not reshape shape {self.shape}.")
+        if len(self.pieces) != len(self.axes) or any(
+            sum(c * s for c, s in p) != n for p, n in zip(self.pieces, self.axes)
+        ):
+            raise ValueError(f"`BlockedQ`: pieces {self.pieces} do not tile axes {self.axes}.")
+        if len(self.groups) != len(_groups(self.pieces)):
+            raise ValueError(
+                f"`BlockedQ` needs one group per block shape ({len(_groups(self.pieces))}); "
+                f"got {len(self.groups)}."
+            )
+
+    @classmethod
+    def init(
+        cls,
+        make: Callable[[tuple[int, ...]], AbstractPrecond],
+        shape: tuple[int, ...],
+        axes: tuple[int, ...],
+        block_size: int | tuple[int | None, ...],
+    ) -> "BlockedQ":
+        """Cut `axes` into blocks and give each block `make(block_shape)`.
+
+        **Arguments:**
+
+        - `make`: builds the preconditioner of one block from its shape, e.g.
+            `lambda s: KronQ.init(s)`.
+        - `shape`: the parameter's shape.
+        - `axes`: the squeezed (optionally merged) shape of the parameter that is cut.
+        - `block_size`: the largest block length, for every axis or per axis (`None` =
+            that axis is not cut).
+
+        **Returns:** the blocked preconditioner.
+        """
+        shape = tuple(int(n) for n in shape)
+        axes = tuple(int(n) for n in axes)
+        if isinstance(block_size, int):
+            block_size = (block_size,) * len(axes)
+        if len(block_size) != len(axes):
+            raise ValueError(
+                f"`block_size` needs one entry per axis of {axes}; got {block_size!r}."
+            )
+        pieces = tuple(
+            ((1, n),) if b is None else block_pieces(n, b) for n, b in zip(axes, block_size)
+        )
+        groups = []
+        for group in _groups(pieces):
+            count = math.prod(pieces[i][j][0] for i, j in enumerate(group))
+            one = make(tuple(pieces[i][j][1] for i, j in enumerate(group)))
+            groups.append(jax.tree.map(lambda x: jnp.broadcast_to(x, (count, *x.shape)), one))
+        return cls(tuple(groups), shape, axes, pieces)
+
+    @property
+    def needs_v(self) -> bool:
+        return self.groups[0].needs_v
+
+    @property
+    def num_blocks(self) -> int:
+        """The number of blocks."""
+        return sum(math.prod(self.pieces[i][j][0] for i, j in enumerate(g))
+                   for g in _groups(self.pieces))
+
+    def apply(self, g: Shaped[Array, "..."]) -> Shaped[Array, "..."]:
+        """P·g, block by block.
+
+        **Arguments:**
+
+        - `g`: an array of the parameter's shape.
+
+        **Returns:** P·g with the shape and dtype of `g`.
+        """
+        check_shape("BlockedQ.apply", self.shape, g.shape)
+        blocks = to_blocks(g.reshape(self.axes), self.pieces)
+        out = [jax.vmap(lambda q, x: q.apply(x))(q, b) for q, b in zip(self.groups, blocks)]
+        return from_blocks(out, self.pieces, g.dtype).reshape(self.shape)
+
+    def update(
+        self,
+        v: Shaped[Array, "..."] | None,
+        h: Shaped[Array, "..."],
+        *,
+        lr: ArrayLike,
+        key: PRNGKeyArray,
+        normaliser: Normaliser | None = None,
+        balance_probability: float | ArrayLike = 0.01,
+    ) -> "BlockedQ":
+        """One fitting step of every block's preconditioner on its block of (v, h).
+
+        **Arguments:** as [`psgd_eqx.KronQ.update`][]; each block gets its own key.
+
+        **Returns:** the updated `BlockedQ`.
+        """
+        check_fit_pair("BlockedQ.update", self.shape, v, h)
+        hs = to_blocks(h.reshape(self.axes), self.pieces)
+        vs = [None] * len(hs) if v is None else to_blocks(v.reshape(self.axes), self.pieces)
+        new = []
+        for q, vb, hb, k in zip(self.groups, vs, hs, jax.random.split(key, len(hs))):
+            keys = jax.random.split(k, hb.shape[0])
+
+            def one(q, vv, hh, kk):
+                return q.update(vv, hh, lr=lr, key=kk, normaliser=normaliser,
+                                balance_probability=balance_probability)
+
+            if vb is None:
+                new.append(jax.vmap(lambda q, hh, kk: one(q, None, hh, kk))(q, hb, keys))
+            else:
+                new.append(jax.vmap(one)(q, vb, hb, keys))
+        return BlockedQ(tuple(new), self.shape, self.axes, self.pieces)
+
+    def rescale(self, scale: ArrayLike) -> "BlockedQ":
+        """Every block's Q ← scale·Q.
+
+        **Arguments:**
+
+        - `scale`: a positive scalar.
+
+        **Returns:** the rescaled `BlockedQ`.
+        """
+        groups = tuple(jax.vmap(lambda q: q.rescale(scale))(q) for q in self.groups)
+        return BlockedQ(groups, self.shape, self.axes, self.pieces)
+
+    def as_matrix(self) -> Shaped[Array, "n n"]:
+        """P over the row-major flattened parameter (block diagonal up to a permutation).
+
+        **Returns:** an `(N, N)` array.
+        """
+        n = math.prod(self.shape)
+        dtype = jax.tree.leaves(self.groups)[0].dtype
+        eye = jnp.eye(n, dtype=dtype).reshape(n, *self.shape)
+        return jax.vmap(self.apply)(eye).reshape(n, n).T
