@@ -44,6 +44,11 @@ from ._probe import (
     hessian_helper as hessian_helper,
 )
 from ._schedules import precond_update_prob_schedule as precond_update_prob_schedule
+from ._sharding import (
+    get_opt_state_partition_specs as get_opt_state_partition_specs,
+    precond_partition_specs as precond_partition_specs,
+    state_partition_specs as state_partition_specs,
+)
 from ._transform import GLOBAL as GLOBAL, PSGDState as PSGDState, scale_by_psgd as scale_by_psgd
 
 

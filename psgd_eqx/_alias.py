@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec
 from jaxtyping import ArrayLike, PRNGKeyArray
 
 from ._geometry import canonical_geometry
@@ -88,6 +89,8 @@ def scale_by_kron(
     target_merged_dim_size: ArrayLike = 4096,
     partition_grads_into_blocks: bool = False,
     block_size: ArrayLike = 256,
+    params_partition_specs: Any = None,
+    preconditioner_partition_spec: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Kronecker-factored PSGD (no learning rate, no weight decay): P·m, clipped.
 
@@ -137,6 +140,12 @@ def scale_by_kron(
         `block_size`: cut axes longer than `max_size_triangular` into dense blocks
         instead of giving them a diagonal factor. See [`psgd_eqx.kron_plan`][] for the
         rules and the memory cap.
+    - `params_partition_specs`, `preconditioner_partition_spec`: distributed_kron's
+        sharding options (a tree of `PartitionSpec`s like the params; one spec for every
+        dense factor). When a mesh is set with `jax.set_mesh`, `update` constrains the
+        new state and the updates to the specs of
+        [`psgd_eqx.get_opt_state_partition_specs`][]; without one they are only used by
+        that function. Either way, jit `init`/`update` with those shardings.
 
     **Returns:** an `optax.GradientTransformationExtraArgs` whose state contains one
     [`psgd_eqx.PSGDState`][].
@@ -231,7 +240,25 @@ def scale_by_kron(
         plans.update({jax.tree_util.keystr(path): lp for path, lp in flat})
         return inner.init(params)
 
-    return optax.GradientTransformationExtraArgs(init_fn, inner.update)
+    def update_fn(updates, state, params=None, **extra):
+        updates, state = inner.update(updates, state, params, **extra)
+        mesh = jax.sharding.get_abstract_mesh()
+        wants = params_partition_specs is not None or preconditioner_partition_spec is not None
+        if wants and mesh is not None and not mesh.empty:
+            from ._sharding import state_partition_specs
+
+            pspecs = params_partition_specs
+            if pspecs is None:
+                pspecs = jax.tree.map(lambda _: PartitionSpec(), updates)
+            specs = state_partition_specs(
+                state, updates, pspecs, mesh=mesh,
+                preconditioner_partition_spec=preconditioner_partition_spec,
+            )
+            state = jax.lax.with_sharding_constraint(state, specs)
+            updates = jax.lax.with_sharding_constraint(updates, pspecs)
+        return updates, state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def kron(
@@ -274,6 +301,8 @@ def kron(
     target_merged_dim_size: ArrayLike = 4096,
     partition_grads_into_blocks: bool = False,
     block_size: ArrayLike = 256,
+    params_partition_specs: Any = None,
+    preconditioner_partition_spec: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """PSGD with Kronecker-factored preconditioners: the drop-in optax optimizer.
 
@@ -340,6 +369,8 @@ def kron(
         target_merged_dim_size=target_merged_dim_size,
         partition_grads_into_blocks=partition_grads_into_blocks,
         block_size=block_size,
+        params_partition_specs=params_partition_specs,
+        preconditioner_partition_spec=preconditioner_partition_spec,
     )
     return _with_lr_and_decay(scale, learning_rate, weight_decay, weight_decay_mask)
 
