@@ -499,9 +499,9 @@ def plan_table(plan: PyTree) -> str:
 def kron_plan(
     params: PyTree,
     *,
-    max_size_triangular: float = 8192,
-    min_ndim_triangular: int = 2,
-    max_skew_triangular: float = float("inf"),
+    max_size_triangular: ArrayLike = 8192,
+    min_ndim_triangular: ArrayLike = 2,
+    max_skew_triangular: ArrayLike = float("inf"),
     memory_save_mode: str | None = None,
     geometry: str = "PRO",
     precond_dtype=None,
@@ -557,8 +557,21 @@ def kron_plan(
         memory_save_mode=memory_save_mode,
     )
     is_scanned = scanned_predicate(scanned_layers)
-    target_merged_dim_size = init_int("target_merged_dim_size", target_merged_dim_size, 1)
-    block_size = init_int("block_size", block_size, 2)
+    # Under `optax.inject_hyperparams` inside `jit` these arrive traced: fine while the
+    # option they size is off, an error (not a silent default) while it is on.
+    sizes = {}
+    for name, value, used, lo in (
+        ("target_merged_dim_size", target_merged_dim_size, merge_small_dims, 1),
+        ("block_size", block_size, partition_grads_into_blocks, 2),
+    ):
+        sizes[name] = init_int(name, value, lo)
+        if sizes[name] is None and used:
+            raise ValueError(
+                f"`{name}` must be a concrete int when its option is on; with "
+                f"`optax.inject_hyperparams`, pass it in `static_args`."
+            )
+    target_merged_dim_size = sizes["target_merged_dim_size"] or 1
+    block_size = sizes["block_size"] or 2
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     dtypes = [
         precond_dtype if precond_dtype is not None else compute_dtype(p.dtype) for _, p in flat

@@ -96,7 +96,7 @@ def test_plan_scanned_layers_and_table():
     table = pe.plan_table(plan)
     leaves = jax.tree.leaves(plan, is_leaf=lambda x: isinstance(x, pe.LeafPlan))
     total = sum(p.state_bytes for p in leaves)
-    assert f"**{total:,}**" in table and "4 × dense(64) ⊗ dense(256)" in table
+    assert f"**{total:,}**" in table and "4 layers × dense(64) ⊗ dense(256)" in table
 
 
 def test_plan_budget_demotes_largest_dense_factor_first():
