@@ -1,9 +1,45 @@
-"""Pallas kernels for the hot paths of `psgd_eqx` (fused factor updates, Kron apply).
+"""Pallas kernels for the hot paths of `psgd_eqx`: the Kronecker apply and fused factor updates.
 
-Empty shell for now: every op currently runs through the pure-jnp path in `psgd_eqx`.
+Each op `<op>` comes with `<op>_reference`, a pure-jnp function that defines its semantics
+(and supplies its derivative: every op is a `jax.custom_jvp` whose tangent is the
+reference's, since Pallas kernels cannot be differentiated). The kernels take
+`backend="gpu"` (Pallas Triton) or `backend="tpu"` (Mosaic TPU) and
+`interpret=False | True | pltpu.InterpretParams()`; on CPU only the interpreted modes run.
+
+- [`kron_apply`][psgd_eqx_kernels.kron_apply]: P·G = (Q_lᵀQ_l) G (Q_rᵀQ_r)ᵀ, dense or
+    diagonal factors per side, optionally cached P or triangular Q.
+- [`eq_factor_update`][psgd_eqx_kernels.eq_factor_update]: Q − η triu(T₁ − T₂) Q.
+- [`pro_factor_update`][psgd_eqx_kernels.pro_factor_update]: Q − η(TQ − cQ), then one
+    Procrustes step.
+
+[`should_use_kernel`][psgd_eqx_kernels.should_use_kernel] says, from measurements, when a
+kernel beats its reference.
 """
 
 import importlib.metadata
 
+from ._blocks import (
+    KERNEL_MIN_N as KERNEL_MIN_N,
+    BlockSizes as BlockSizes,
+    default_block_sizes as default_block_sizes,
+    should_use_kernel as should_use_kernel,
+)
+from ._eq_factor_update import (
+    eq_factor_update as eq_factor_update,
+    eq_factor_update_reference as eq_factor_update_reference,
+)
+from ._kron_apply import (
+    kron_apply as kron_apply,
+    kron_apply_reference as kron_apply_reference,
+)
+from ._pro_factor_update import (
+    one_step_norm_bound as one_step_norm_bound,
+    pro_factor_update as pro_factor_update,
+    pro_factor_update_reference as pro_factor_update_reference,
+)
 
-__version__ = importlib.metadata.version("psgd_eqx")
+
+try:
+    __version__ = importlib.metadata.version("psgd_eqx")
+except importlib.metadata.PackageNotFoundError:  # a source checkout on PYTHONPATH
+    __version__ = "0.0.0+unknown"
