@@ -91,6 +91,7 @@ def scale_by_kron(
     block_size: ArrayLike = 256,
     params_partition_specs: Any = None,
     preconditioner_partition_spec: Any = None,
+    bucket_leaves: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """Kronecker-factored PSGD (no learning rate, no weight decay): P·m, clipped.
 
@@ -146,6 +147,8 @@ def scale_by_kron(
         new state and the updates to the specs of
         [`psgd_eqx.get_opt_state_partition_specs`][]; without one they are only used by
         that function. Either way, jit `init`/`update` with those shardings.
+    - `bucket_leaves`: one batched refit/apply per group of same-shape leaves (see
+        [`psgd_eqx.scale_by_psgd`][]).
 
     **Returns:** an `optax.GradientTransformationExtraArgs` whose state contains one
     [`psgd_eqx.PSGDState`][].
@@ -218,6 +221,7 @@ def scale_by_kron(
         grad_clip_max_element=grad_clip_max_element,
         stochastic_rounding=stochastic_rounding,
         precond_grad_accum=precond_grad_accum,
+        bucket_leaves=bucket_leaves,
     )
     def init_fn(params):
         plan = kron_plan(
@@ -303,6 +307,7 @@ def kron(
     block_size: ArrayLike = 256,
     params_partition_specs: Any = None,
     preconditioner_partition_spec: Any = None,
+    bucket_leaves: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
     """PSGD with Kronecker-factored preconditioners: the drop-in optax optimizer.
 
@@ -371,6 +376,7 @@ def kron(
         block_size=block_size,
         params_partition_specs=params_partition_specs,
         preconditioner_partition_spec=preconditioner_partition_spec,
+        bucket_leaves=bucket_leaves,
     )
     return _with_lr_and_decay(scale, learning_rate, weight_decay, weight_decay_mask)
 

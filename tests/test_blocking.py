@@ -96,7 +96,10 @@ def test_blocked_whitening_fits_each_block():
     assert np.abs(p[:12, 12:]).max() < 1e-6
 
 
-SHAPES = [(64, 32), (3, 3, 64, 128), (768, 12, 64), (20000, 96), (4, 20, 6), (30,), (1, 64), (5, 7, 9, 11)]
+SHAPES = [
+    (64, 32), (3, 3, 64, 128), (768, 12, 64), (20000, 96), (4, 20, 6), (30,), (1, 64),
+    (5, 7, 9, 11),
+]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -192,7 +195,10 @@ def test_budget_demotes_a_blocked_axis():
 
 @pytest.mark.parametrize(
     "kw,name",
-    [(dict(block_size=1), "block_size"), (dict(target_merged_dim_size=0), "target_merged_dim_size")],
+    [
+        (dict(block_size=1), "block_size"),
+        (dict(target_merged_dim_size=0), "target_merged_dim_size"),
+    ],
 )
 def test_bad_options_raise(kw, name):
     with pytest.raises(ValueError, match=name):
