@@ -91,7 +91,7 @@ def scale_by_kron(
     block_size: ArrayLike = 256,
     params_partition_specs: Any = None,
     preconditioner_partition_spec: Any = None,
-    bucket_leaves: bool = True,
+    bucket_leaves: bool | str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     """Kronecker-factored PSGD (no learning rate, no weight decay): P·m, clipped.
 
@@ -307,7 +307,7 @@ def kron(
     block_size: ArrayLike = 256,
     params_partition_specs: Any = None,
     preconditioner_partition_spec: Any = None,
-    bucket_leaves: bool = True,
+    bucket_leaves: bool | str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     """PSGD with Kronecker-factored preconditioners: the drop-in optax optimizer.
 

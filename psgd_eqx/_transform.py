@@ -183,7 +183,7 @@ def scale_by_psgd(
     key: PRNGKeyArray | ArrayLike = 42,
     stochastic_rounding: bool = True,
     precond_grad_accum: bool = False,
-    bucket_leaves: bool = True,
+    bucket_leaves: bool | str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     """The generic PSGD transformation: any preconditioner structure per leaf.
 
@@ -232,10 +232,13 @@ def scale_by_psgd(
         extra params-sized f32 buffer). Averaging k inputs shrinks their noise, so with
         refits every k steps the fitted P grows by up to √k for pure-noise gradients.
         Ignored for Newton fitting.
-    - `bucket_leaves`: refit and apply the preconditioners of leaves with identical
+    - `bucket_leaves`: refit (and apply) the preconditioners of leaves with identical
         structure and shapes (e.g. every layer's query weight) in one `vmap`ped call per
-        bucket instead of one call per leaf: far fewer ops in the step's XLA graph. The
-        state stays per leaf and results agree up to float rounding; `False` = per leaf.
+        bucket instead of one call per leaf: far fewer ops in the step's XLA graph and a
+        faster compile. The state stays per leaf and results agree up to float rounding.
+        `"auto"` (default) buckets the refits everywhere and the applies on GPU/TPU only
+        (on CPU a batched small matmul is slower than separate ones; see
+        `benchmarks/bucketing.py`); `True` buckets both, `False` neither.
 
     **Returns:** an `optax.GradientTransformationExtraArgs`. Its `update` accepts
     `update(updates, state, params=None, *, Hvp=None, vector=None,
@@ -276,6 +279,12 @@ def scale_by_psgd(
     norm_args = [concrete(x) for x in (lipschitz_beta, norm_bound_k, norm_bound_iters)]
     if all(x is not None for x in norm_args):
         Normaliser(float(norm_args[0]), norm_bound, int(norm_args[1]), int(norm_args[2]))
+    if bucket_leaves not in (True, False, "auto"):
+        raise ValueError(f"`bucket_leaves` must be True, False or 'auto'; got {bucket_leaves!r}.")
+    # decided when the update is traced, i.e. for the backend it is compiled for
+    bucket_apply = bucket_leaves is True or (
+        bucket_leaves == "auto" and jax.default_backend() != "cpu"
+    )
     prob_fn = as_schedule(preconditioner_update_probability, "preconditioner_update_probability")
     plr_fn = as_schedule(preconditioner_lr, "preconditioner_lr")
     data_driven_init = preconditioner_init_scale is None
@@ -452,7 +461,7 @@ def scale_by_psgd(
                 None if q is None else (q, keys[i], x, v)
                 for i, (q, x, v) in enumerate(zip(qs, fit_leaves, v_leaves))
             ]
-            out = bucketed_map(_fit, items, bucket_leaves)
+            out = bucketed_map(_fit, items, bucket_leaves is not False)
             if g is not None:
                 x = _concat([fit_leaves[i] for i in gidx])
                 v = None if not newton else _concat([v_leaves[i] for i in gidx])
@@ -487,7 +496,7 @@ def scale_by_psgd(
         def precondition(qs_gq):
             qs, g = qs_gq
             items = [None if q is None else (q, m) for q, m in zip(qs, m_hat)]
-            us = bucketed_map(lambda q, m: clip(q.apply(m)), items, bucket_leaves)
+            us = bucketed_map(lambda q, m: clip(q.apply(m)), items, bucket_apply)
             us = [clip(m) if q is None else u for q, m, u in zip(qs, m_hat, us)]
             if g is not None:
                 flat = g.apply(_concat([m_hat[i] for i in gidx]))

@@ -32,14 +32,16 @@ def test_bucketed_equals_per_leaf():
     params = _tree()
     grads = jax.tree.map(lambda p: 0.1 * jnp.cos(3.0 * p), params)
     results = {}
-    for bucket in (True, False):
+    for bucket in (True, "auto", False):
         opt = psgd_eqx.kron(1e-2, bucket_leaves=bucket)
         state = opt.init(params)
         step = jax.jit(opt.update)
         for _ in range(3):
             u, state = step(grads, state, params)
         results[bucket] = (u, state)
-    for x, y in zip(jax.tree.leaves(results[True]), jax.tree.leaves(results[False])):
+    pairs = [*zip(jax.tree.leaves(results[True]), jax.tree.leaves(results[False])),
+             *zip(jax.tree.leaves(results["auto"]), jax.tree.leaves(results[False]))]
+    for x, y in pairs:
         if jnp.issubdtype(x.dtype, jnp.floating):
             scale = float(jnp.max(jnp.abs(y))) + 1e-12
             np.testing.assert_allclose(x, y, atol=1e-5 * scale, rtol=0)
@@ -56,3 +58,10 @@ def test_bucketing_emits_fewer_ops():
         text = jax.jit(opt.update).lower(grads, opt.init(params), params).as_text()
         counts[bucket] = len(re.findall(r"stablehlo\.", text))
     assert counts[True] * 2 <= counts[False], counts
+
+
+def test_bad_bucket_option():
+    import pytest
+
+    with pytest.raises(ValueError, match="bucket_leaves"):
+        psgd_eqx.kron(bucket_leaves="sometimes")
