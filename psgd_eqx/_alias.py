@@ -13,6 +13,7 @@ from jaxtyping import ArrayLike, PRNGKeyArray
 
 from ._geometry import canonical_geometry
 from ._numerics import compute_dtype, promote
+from ._ops import check_use_kernels
 from ._plan import (
     LeafPlan,
     affine_dense_sides,
@@ -92,6 +93,7 @@ def scale_by_kron(
     params_partition_specs: Any = None,
     preconditioner_partition_spec: Any = None,
     bucket_leaves: bool | str = "auto",
+    use_kernels: bool | str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     """Kronecker-factored PSGD (no learning rate, no weight decay): P·m, clipped.
 
@@ -149,6 +151,10 @@ def scale_by_kron(
         that function. Either way, jit `init`/`update` with those shardings.
     - `bucket_leaves`: one batched refit/apply per group of same-shape leaves (see
         [`psgd_eqx.scale_by_psgd`][]).
+    - `use_kernels`: Pallas kernels for the hot ops: `"auto"` (on GPU where measured
+        faster than XLA: so far the `EQ` factor update for n ≥ 2048), `True` (on GPU/TPU
+        wherever a kernel exists), `False` (never), `"interpret"` (the Pallas interpreter
+        on any platform, for tests). See [Kernels](../api/kernels.md).
 
     **Returns:** an `optax.GradientTransformationExtraArgs` whose state contains one
     [`psgd_eqx.PSGDState`][].
@@ -167,6 +173,7 @@ def scale_by_kron(
     if precond_dtype is not None:
         precond_dtype = jnp.dtype(precond_dtype)
 
+    check_use_kernels(use_kernels)
     block_size_int = init_int("block_size", block_size, 2)
     init_int("target_merged_dim_size", target_merged_dim_size, 1)
     plans: dict = {}  # filled by init_fn from the whole-tree plan, read by structure
@@ -180,12 +187,13 @@ def scale_by_kron(
                 return KronQ.init(
                     shape, dtype, dense=lp.dense, geometry=geometry,
                     cache_preconditioner=cache_preconditioner,
-                    merged=lp.axes if lp.merged else None,
+                    merged=lp.axes if lp.merged else None, use_kernels=use_kernels,
                 )
 
             def block(s):
                 return KronQ.init(s, dtype, dense=lp.dense, geometry=geometry,
-                                  cache_preconditioner=cache_preconditioner, merged=s)
+                                  cache_preconditioner=cache_preconditioner, merged=s,
+                                  use_kernels=use_kernels)
 
             sizes = tuple(
                 None if b == ((1, n),) else block_size_int for b, n in zip(lp.blocks, lp.axes)
@@ -308,6 +316,7 @@ def kron(
     params_partition_specs: Any = None,
     preconditioner_partition_spec: Any = None,
     bucket_leaves: bool | str = "auto",
+    use_kernels: bool | str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
     """PSGD with Kronecker-factored preconditioners: the drop-in optax optimizer.
 
@@ -377,6 +386,7 @@ def kron(
         params_partition_specs=params_partition_specs,
         preconditioner_partition_spec=preconditioner_partition_spec,
         bucket_leaves=bucket_leaves,
+        use_kernels=use_kernels,
     )
     return _with_lr_and_decay(scale, learning_rate, weight_decay, weight_decay_mask)
 

@@ -35,6 +35,7 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from ._norms import Normaliser
 from ._numerics import promote, real_dtype
+from ._ops import eq_triangular_step
 
 
 Geometry = Literal["EQ", "QEQ", "QEP", "PRO", "QUAD", "PRO4P", "QUAD4P"]
@@ -291,6 +292,7 @@ def dense_step(
     normaliser: Normaliser,
     *,
     triangular: bool = True,
+    use_kernels: bool | str = False,
 ) -> Array:
     """One normalised Lie-group step of a dense (or triangular) factor.
 
@@ -306,6 +308,8 @@ def dense_step(
     - `triangular`: for `EQ`, restrict E to its upper triangle (the triangular group of a
         Kron or dense factor, whose inverse is a triangular solve); `False` keeps the full
         E (used where Q⁻¹ is cheap anyway, e.g. the 2×2 blocks of `XMatQ`).
+    - `use_kernels`: for the triangular `EQ` step with matrix statistics, whether to
+        dispatch to the fused Pallas kernel (see `psgd_eqx._ops`).
 
     **Returns:** the updated factor.
     """
@@ -323,8 +327,8 @@ def dense_step(
         if isinstance(t1, Outer) and isinstance(t2, Outer):
             return q - eta * (t1.triu_lmul(q) - t2.triu_lmul(q))
         n = q.shape[0]
-        e = _matrix(t1, n, q.dtype) - _matrix(t2, n, q.dtype)
-        return q - eta * (jnp.triu(e) @ q)
+        terms = (_matrix(t1, n, q.dtype), _matrix(t2, n, q.dtype))
+        return eq_triangular_step(q, terms, eta, use_kernels)
     if geometry == "QEQ":
         return q - eta * e_right(q)
     if geometry == "QEP":

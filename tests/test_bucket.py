@@ -50,7 +50,7 @@ def test_bucketed_equals_per_leaf():
 
 
 def test_bucketing_emits_fewer_ops():
-    params = _tree(layers=8)
+    params = _tree(layers=12)
     grads = jax.tree.map(jnp.ones_like, params)
     counts = {}
     for bucket in (True, False):

@@ -20,6 +20,7 @@ from .._geometry import (
 )
 from .._norms import Normaliser
 from .._numerics import abs2, compute_dtype, promote, real_dtype
+from .._ops import check_use_kernels
 from .._plan import squeezed_shape
 from .base import AbstractPrecond, check_fit_pair, keep_if_finite
 
@@ -93,8 +94,10 @@ class KronQ(AbstractPrecond):
     dense: tuple[bool, ...] = eqx.field(static=True)
     geometry: str = eqx.field(static=True)
     merged: tuple[int, ...] | None = eqx.field(static=True, default=None)
+    use_kernels: bool | str = eqx.field(static=True, default="auto")
 
     def __check_init__(self):
+        check_use_kernels(self.use_kernels)
         axes = self.axes_shape
         if math.prod(axes) != math.prod(squeezed_shape(self.shape)):
             raise ValueError(
@@ -130,6 +133,7 @@ class KronQ(AbstractPrecond):
         init_scale: float | ArrayLike = 1.0,
         cache_preconditioner: bool = False,
         merged: tuple[int, ...] | None = None,
+        use_kernels: bool | str = "auto",
     ) -> "KronQ":
         """Q = `init_scale`·I for a parameter of the given shape.
 
@@ -147,6 +151,9 @@ class KronQ(AbstractPrecond):
         - `merged`: optional shape the factors act on instead of the squeezed shape: a
             reshape of it that merges adjacent axes (then `dense` has one flag per
             merged axis).
+        - `use_kernels`: `"auto"` (a Pallas kernel on GPU where measured faster than
+            XLA), `True` (kernels on GPU/TPU wherever one exists), `False` (never), or
+            `"interpret"` (kernels in the Pallas interpreter, for tests).
 
         **Returns:** the preconditioner.
         """
@@ -171,7 +178,7 @@ class KronQ(AbstractPrecond):
             for n, d in zip(axes, dense)
         )
         lip = jnp.zeros((len(axes),), real_dtype(compute_dtype(dtype)))
-        out = cls(factors, lip, None, shape, dense, geometry, merged)
+        out = cls(factors, lip, None, shape, dense, geometry, merged, use_kernels)
         return out._with_cache(cache_preconditioner)
 
     # -- helpers ---------------------------------------------------------------------
@@ -330,7 +337,8 @@ class KronQ(AbstractPrecond):
                 ell = diag_lipschitz(t1, t2)
             big_l, eta = normaliser.step(old_l[i], ell, lr)
             if d:
-                new_qs.append(dense_step(spec.name, q, t1, t2, eta, k_step, normaliser))
+                new_qs.append(dense_step(spec.name, q, t1, t2, eta, k_step, normaliser,
+                                         use_kernels=self.use_kernels))
             else:
                 new_qs.append(diag_step(spec.name, q, t1, t2, eta))
             new_l.append(big_l)
@@ -341,7 +349,7 @@ class KronQ(AbstractPrecond):
 
         factors = tuple(nq.astype(f.dtype) for nq, f in zip(new_qs, self.factors))
         out = KronQ(factors, new_lip.astype(self.lipschitz.dtype), None, self.shape,
-                    self.dense, self.geometry, self.merged)
+                    self.dense, self.geometry, self.merged, self.use_kernels)
         return keep_if_finite(out._with_cache(self.cache is not None), self, h, v)
 
     def rescale(self, scale: ArrayLike) -> "KronQ":
@@ -356,7 +364,7 @@ class KronQ(AbstractPrecond):
         per = GeometrySpec(self.geometry).factor_scale(scale) ** (1.0 / len(self.factors))
         factors = tuple(f * per.astype(f.dtype) for f in self.factors)
         out = KronQ(factors, self.lipschitz, None, self.shape, self.dense, self.geometry,
-                    self.merged)
+                    self.merged, self.use_kernels)
         return out._with_cache(self.cache is not None)
 
     def as_matrix(self) -> Shaped[Array, "n n"]:
