@@ -37,6 +37,21 @@ def check_fit_pair(name: str, want: tuple[int, ...], v: Array | None, h: Array) 
         check_shape(f"{name}(v=...)", want, v.shape)
 
 
+def batched_update(inner, v, h, keys, mapper, **kwargs):
+    """`inner.update` for each index of a leading batch axis (stacked layers, blocks).
+
+    `mapper(fn, *xs)` maps `fn` over that axis (`vmap`, or `lax.map` in batches); each
+    index gets its own key, and `v = None` (whitening) stays `None` inside.
+    """
+
+    def one(q, vv, hh, k):
+        return q.update(vv, hh, key=k, **kwargs)
+
+    if v is None:
+        return mapper(lambda q, hh, k: one(q, None, hh, k), inner, h, keys)
+    return mapper(one, inner, v, h, keys)
+
+
 def as_shape(shape: tuple[int, ...] | int) -> tuple[int, ...]:
     """A parameter shape from a shape or, for the flat structures, a number of elements."""
     return (int(shape),) if isinstance(shape, int) else tuple(int(n) for n in shape)

@@ -9,7 +9,7 @@ from jaxtyping import Array, ArrayLike, PRNGKeyArray, Shaped
 
 from .._norms import Normaliser
 from .._plan import block_pieces, squeezed_shape
-from .base import AbstractPrecond, check_fit_pair, check_shape
+from .base import AbstractPrecond, batched_update, check_fit_pair, check_shape
 
 
 # One axis cut into blocks: ((count, size), ...) with at most two sizes, largest first.
@@ -177,15 +177,10 @@ class BlockedQ(AbstractPrecond):
         new = []
         for q, vb, hb, k in zip(self.groups, vs, hs, jax.random.split(key, len(hs))):
             keys = jax.random.split(k, hb.shape[0])
-
-            def one(q, vv, hh, kk):
-                return q.update(vv, hh, lr=lr, key=kk, normaliser=normaliser,
-                                balance_probability=balance_probability)
-
-            if vb is None:
-                new.append(jax.vmap(lambda q, hh, kk: one(q, None, hh, kk))(q, hb, keys))
-            else:
-                new.append(jax.vmap(one)(q, vb, hb, keys))
+            new.append(batched_update(
+                q, vb, hb, keys, lambda fn, *xs: jax.vmap(fn)(*xs), lr=lr,
+                normaliser=normaliser, balance_probability=balance_probability,
+            ))
         return BlockedQ(tuple(new), self.shape, self.axes, self.pieces)
 
     def rescale(self, scale: ArrayLike) -> "BlockedQ":

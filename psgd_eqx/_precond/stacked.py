@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PRNGKeyArray, Shaped
 
 from .._norms import Normaliser
-from .base import AbstractPrecond, check_fit_pair, check_shape
+from .base import AbstractPrecond, batched_update, check_fit_pair, check_shape
 
 
 class StackedQ(AbstractPrecond):
@@ -113,14 +113,8 @@ class StackedQ(AbstractPrecond):
         check_fit_pair("StackedQ.update", self.shape, v, h)
         keys = jax.random.split(key, self.layers)
 
-        def one(q, vv, hh, k):
-            return q.update(vv, hh, lr=lr, key=k, normaliser=normaliser,
-                            balance_probability=balance_probability)
-
-        if v is None:
-            inner = self._map(lambda q, hh, k: one(q, None, hh, k), self.inner, h, keys)
-        else:
-            inner = self._map(one, self.inner, v, h, keys)
+        inner = batched_update(self.inner, v, h, keys, self._map, lr=lr,
+                               normaliser=normaliser, balance_probability=balance_probability)
         return StackedQ(inner, self.shape, self.map_batch_size)
 
     def rescale(self, scale: ArrayLike) -> "StackedQ":
