@@ -11,7 +11,8 @@ columns sit on that floor; `--subtract-loop` subtracts it.
     python benchmarks/kernels.py --ops eq --n 512,1024 --batch 8
     python benchmarks/kernels.py --interpret      # CPU smoke test (interpreted kernels)
 
-Ops: `eq` (eq_factor_update), `pro` (pro_factor_update), `kron` (kron_apply, two dense
+Ops: `eq` (eq_factor_update), `eq_fused` (the same with `fuse_difference=True`: one launch),
+`pro` (pro_factor_update), `kron` (kron_apply, two dense
 factors), `kron_tri` (two triangular factors, the EQ case), `kron_cached` (cached P),
 `kron_diag` (two diagonal factors: pure bandwidth). For the `kron*` ops the table also gives
 the bytes that must move through HBM (G and the factors read once, P·G written once) over the
@@ -19,6 +20,7 @@ time, against `--peak-bw` (H100 SXM: 3.35 TB/s), and the achieved TFLOP/s.
 """
 
 import argparse
+import functools as ft
 import json
 import math
 import os
@@ -38,14 +40,14 @@ import psgd_eqx_kernels as K
 
 warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
 
-OPS = ("eq", "pro", "kron", "kron_tri", "kron_cached", "kron_diag")
+OPS = ("eq", "eq_fused", "pro", "kron", "kron_tri", "kron_cached", "kron_diag")
 
 
 def _inputs(op, n, batch, dtype, key):
     ks = jax.random.split(key, 4)
     shape = (batch, n, n)
     eye = jnp.broadcast_to(jnp.eye(n, dtype=jnp.float32), shape)
-    if op == "eq":
+    if op.startswith("eq"):
         q = jnp.triu(jax.random.normal(ks[0], shape)) / n + eye
         a = jax.random.normal(ks[1], shape)
         b = jax.random.normal(ks[2], shape)
@@ -76,7 +78,7 @@ def _inputs(op, n, batch, dtype, key):
 
 def _step_fns(op, kw):
     """(kernel_step, reference_step): carry -> carry, one application of the op each."""
-    if op == "eq":
+    if op.startswith("eq"):
 
         def make(fn):
             def step(c):  # swap T1/T2 each step so T1 − T2 is not loop-invariant
@@ -85,8 +87,9 @@ def _step_fns(op, kw):
 
             return step
 
-        return (make(lambda *a: K.eq_factor_update(*a, **kw)),
-                make(lambda *a: K.eq_factor_update_reference(*a, precision=kw["precision"])))
+        reference = make(lambda *a: K.eq_factor_update_reference(*a, precision=kw["precision"]))
+        fuse = op == "eq_fused"
+        return make(lambda *a: K.eq_factor_update(*a, fuse_difference=fuse, **kw)), reference
     if op == "pro":
 
         def make(fn):
@@ -103,15 +106,24 @@ def _step_fns(op, kw):
             make(lambda *a: K.kron_apply_reference(*a, **opts, precision=kw["precision"])))
 
 
+UNROLL = 1  # applications of the op per loop trip (`--unroll`)
+
+
 def _looped(step):
+    def body(_, c):
+        for _ in range(UNROLL):  # straight-line copies: no loop trip between them
+            c = step(c)
+        return c
+
     @jax.jit
     def run(carry, iters):
-        return jax.lax.fori_loop(0, iters, lambda _, c: step(c), carry)
+        return jax.lax.fori_loop(0, iters, body, carry)
 
     return run
 
 
 def _time(run, carry, iters, reps):
+    """Median seconds per application of the op (`iters` trips of `UNROLL` each)."""
     out = run(carry, iters)
     jax.block_until_ready(out)
     times = []
@@ -119,7 +131,7 @@ def _time(run, carry, iters, reps):
         t0 = time.perf_counter()
         out = run(carry, iters)
         jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / iters)
+        times.append((time.perf_counter() - t0) / (iters * UNROLL))
     return statistics.median(times)
 
 
@@ -172,6 +184,73 @@ def _scale_experiment(args, ns, batches, dtype):
                       f"{t * 1e6:,.1f} µs, {nbytes / t / 1e9:,.0f} GB/s", flush=True)
 
 
+def _layer_stack(layers: int, d: int, vocab: int = 512):
+    """A scanned transformer-shaped tree: (layers, …) stacks of attention/MLP/norm weights."""
+    ks = jax.random.split(jax.random.key(0), 8)
+    w = lambda k, *shape: 0.02 * jax.random.normal(k, shape)  # noqa: E731
+    return {
+        "embed": w(ks[0], vocab, d),
+        "blocks": {
+            "wq": w(ks[1], layers, d, d), "wk": w(ks[2], layers, d, d),
+            "wv": w(ks[3], layers, d, d), "wo": w(ks[4], layers, d, d),
+            "up": w(ks[5], layers, d, 4 * d), "down": w(ks[6], layers, 4 * d, d),
+            "ln": jnp.ones((layers, d)),
+        },
+        "unembed": w(ks[7], d, vocab),
+    }
+
+
+def _step_experiment(args, ds):
+    """Whole `kron` update steps (refit probability 1) with and without kernels.
+
+    Times `opt.update` + `apply_updates` under one jit, state and params donated, blocked
+    on every step (median of `--reps` × 10 steps); `optax.adam` on the same tree for scale.
+    """
+    import optax
+    import psgd_eqx
+
+    geometries = args.step_geometry.split(",")
+    names = {"False": False, "auto": "auto", "True": True}
+    settings = [(names[v], v) for v in args.step_kernels.split(",")]
+    print("| d_model | layers | geometry | " + " | ".join(f"use_kernels={n} ms" for _, n in settings)
+          + " | adam ms | first / last |")
+    print("|---|---|---|" + "---|" * len(settings) + "---|---|")
+    for d in ds:
+        params = _layer_stack(args.step_layers, d)
+        grads = jax.tree.map(lambda p: 0.01 * jnp.sin(7.0 * p + 1.0), params)
+        scanned = {"embed": False, "unembed": False,
+                   "blocks": jax.tree.map(lambda _: True, params["blocks"])}
+
+        def timed(opt):
+            state = opt.init(params)
+
+            @ft.partial(jax.jit, donate_argnums=(1, 2))
+            def step(g, s, p):
+                u, s = opt.update(g, s, p)
+                return optax.apply_updates(p, u), s
+
+            p, s = step(grads, state, jax.tree.map(jnp.copy, params))
+            jax.block_until_ready((p, s))
+            times = []
+            for _ in range(args.reps):
+                t0 = time.perf_counter()
+                for _ in range(10):
+                    p, s = step(grads, s, p)
+                jax.block_until_ready((p, s))
+                times.append((time.perf_counter() - t0) / 10)
+            return 1e3 * statistics.median(times)
+
+        t_adam = timed(optax.adam(1e-3))
+        for geometry in geometries:
+            ts = [timed(psgd_eqx.kron(1e-3, geometry=geometry, use_kernels=u,
+                                      scanned_layers=scanned,
+                                      preconditioner_update_probability=1.0))
+                  for u, _ in settings]
+            print(f"| {d} | {args.step_layers} | {geometry} | "
+                  + " | ".join(f"{t:.2f}" for t in ts)
+                  + f" | {t_adam:.2f} | {ts[0] / ts[-1]:.2f}× |", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ops", default=",".join(OPS))
@@ -195,7 +274,17 @@ def main(argv=None):
     p.add_argument("--scale-tiles", default=None,
                    help="experiment: time the diagonal-scaling kernel on (stack, n, n) with "
                    "these 'bm x bn x warps' tiles, e.g. 8x1024x8,32x256x4 (uses --n/--batch)")
+    p.add_argument("--unroll", type=int, default=1,
+                   help="applications of the op per loop trip (amortises the loop's cost)")
+    p.add_argument("--step", default=None,
+                   help="whole optimizer steps instead of ops: comma list of d_model values")
+    p.add_argument("--step-layers", type=int, default=8)
+    p.add_argument("--step-geometry", default="EQ,PRO")
+    p.add_argument("--step-kernels", default="False,auto,True",
+                   help="use_kernels settings to time (first / last is the ratio column)")
     args = p.parse_args(argv)
+    global UNROLL
+    UNROLL = args.unroll
 
     ops = [o for o in args.ops.split(",") if o]
     for o in ops:
@@ -221,13 +310,16 @@ def main(argv=None):
     if args.scale_tiles:
         _scale_experiment(args, ns, batches, dtype)
         return
+    if args.step:
+        _step_experiment(args, [int(x) for x in args.step.split(",")])
+        return
     header = ("| op | n | stack | kernel µs | reference µs | loop µs | speed-up | GB/s (kernel) | "
               "% HBM roofline | TFLOP/s (kernel) |")
     print(header + "\n|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for op in ops:
         for n in ns:
             for batch in batches:
-                n_in = {"eq": 3, "pro": 2}.get(op, 3)
+                n_in = {"pro": 2}.get(op, 3)
                 gib = n_in * batch * n * n * itemsize / 2**30
                 if gib > args.max_gib:
                     continue
@@ -260,7 +352,7 @@ def main(argv=None):
                     bw = f"{nbytes / t_ker / 1e9:,.0f}"
                     pct = f"{100 * nbytes / t_ker / args.peak_bw:.0f}%"
                     tflops = f"{flops / t_ker / 1e12:.1f}"
-                elif op == "eq":
+                elif op.startswith("eq"):
                     tflops = f"{batch * 2 * n**3 / 6 / t_ker / 1e12:.1f}"
                 elif op == "pro":
                     tflops = f"{batch * 3 * 2 * n**3 / t_ker / 1e12:.1f}"

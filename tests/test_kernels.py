@@ -167,12 +167,13 @@ _UPDATE_CASES = [
 
 
 @_CPU_ONLY
+@pytest.mark.parametrize("fuse", [False, True], ids=["E-pass", "fused-E"])
 @pytest.mark.parametrize("mode,n,batch", _UPDATE_CASES)
-def test_eq_factor_update(getkey, mode, n, batch):
+def test_eq_factor_update(getkey, mode, n, batch, fuse):
     backend, interpret, blocks = _MODES[mode]
     q, t1, t2, eta = _eq_inputs(getkey(), n, batch, jnp.float32)
     out = K.eq_factor_update(q, t1, t2, eta, block_sizes=blocks, backend=backend,
-                             interpret=interpret, precision=_HI)
+                             interpret=interpret, precision=_HI, fuse_difference=fuse)
     ref = K.eq_factor_update_reference(q, t1, t2, eta, precision=_HI)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert _rel_err(out, ref) < 1e-5
@@ -254,13 +255,13 @@ def test_kron_apply_triangular_ignores_lower_part(getkey):
 
 
 @_CPU_ONLY
-@pytest.mark.parametrize("op", ["eq", "pro", "kron"])
+@pytest.mark.parametrize("op", ["eq", "eq_fused", "pro", "kron"])
 def test_bf16_inputs_f32_accumulation(getkey, op):
     key = getkey()
     kw = dict(block_sizes=_GPU16, interpret=True)
-    if op == "eq":
+    if op.startswith("eq"):
         args = _eq_inputs(key, 40, 2, jnp.bfloat16)
-        out = K.eq_factor_update(*args, **kw)
+        out = K.eq_factor_update(*args, **kw, fuse_difference=op == "eq_fused")
         ref = K.eq_factor_update_reference(*args)
         ref64 = K.eq_factor_update_reference(*(jnp.asarray(a, jnp.float32) for a in args),
                                              precision=_HI)
@@ -423,10 +424,11 @@ _CBACKEND = "tpu" if _BACKEND == "tpu" else "gpu"
 def test_compiled_eq_and_pro(getkey, dtype, n, batch):
     prec = _HI if dtype == jnp.float32 else None
     args = _eq_inputs(getkey(), n, batch, dtype)
-    out = K.eq_factor_update(*args, backend=_CBACKEND, precision=prec)
     ref = K.eq_factor_update_reference(*args, precision=prec)
-    assert _rel_err(out, ref) < _tol(dtype)
-    assert bool(jnp.all(jnp.tril(out, -1) == 0))
+    for fuse in (False, True):
+        out = K.eq_factor_update(*args, backend=_CBACKEND, precision=prec, fuse_difference=fuse)
+        assert _rel_err(out, ref) < _tol(dtype)
+        assert bool(jnp.all(jnp.tril(out, -1) == 0))
     args = _pro_inputs(getkey(), n, batch, dtype)
     out = K.pro_factor_update(*args, backend=_CBACKEND, precision=prec)
     ref = K.pro_factor_update_reference(*args, precision=prec)

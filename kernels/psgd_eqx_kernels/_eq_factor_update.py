@@ -1,8 +1,9 @@
 """`eq_factor_update`: the fused `EQ` step of a triangular factor, Q ← Q − η triu(T₁ − T₂) Q.
 
 The rule of `psgd_eqx._geometry.dense_step("EQ", …, triangular=True)` with matrix
-statistics, batched over a stack of factors: E = triu(T₁ − T₂) is one elementwise pass,
-then one Pallas launch does the product and the axpy per output tile, never loading the
+statistics, batched over a stack of factors: E = triu(T₁ − T₂) is one elementwise pass
+(or, with `fuse_difference=True`, is formed tile by tile inside the product), then one
+Pallas launch does the product and the axpy per output tile, never loading the
 blocks that are zero because both triu(E) and Q are upper triangular (about a sixth of the
 flops of the dense product at large n), and writes the upper triangle only.
 
@@ -64,6 +65,7 @@ class _Config:
     backend: str
     interpret: Any
     precision: Any
+    fuse_difference: bool = False
 
 
 @ft.partial(jax.jit, static_argnames=("cfg",))
@@ -76,16 +78,23 @@ def _forward(q, t1, t2, eta, cfg: _Config):
     blocks.validate(cfg.backend, _TILES)
     npad = padded_dim(blocks, cfg.backend, n, ("block_m", "block_n", "block_k"))
     pad = ((0, 0), (0, npad - n), (0, npad - n))
-    # E = triu(T₁ − T₂) is one elementwise pass (XLA fuses it with the padding); fusing it
-    # into the product's loop would put an elementwise op between load and dot.
-    e = jnp.triu(t1.astype(_F32) - t2.astype(_F32))
     qf = q.astype(_F32)
-    ep, qp = (jnp.pad(x, pad) if npad > n else x for x in (e, qf))
+    if cfg.fuse_difference:
+        # one launch: each tile of T₁ − T₂ is formed in the contraction loop (an elementwise
+        # op between load and dot, which costs pipelining at large n; the saved launch and
+        # HBM round trip of E pay at small n)
+        a = tuple(jnp.pad(x, pad) if npad > n else x for x in (t1, t2))
+    else:
+        # E = triu(T₁ − T₂) as one elementwise pass (XLA fuses it with the padding)
+        a = jnp.triu(t1.astype(_F32) - t2.astype(_F32))
+        a = jnp.pad(a, pad) if npad > n else a
+    qp = jnp.pad(qf, pad) if npad > n else qf
     zero = jnp.zeros((nb,), _F32)
     coef = jnp.stack([jnp.ones((nb,), _F32), zero, -eta.astype(_F32), zero], axis=-1)
-    spec = ProductSpec(a_tri="upper", b_tri="upper", out_tri="upper", n_extra=1, has_coef=True)
+    spec = ProductSpec(a_tri="upper", b_tri="upper", out_tri="upper", n_extra=1, has_coef=True,
+                       a_diff=cfg.fuse_difference)
     out = _matmul.product(
-        ep, qp, xs=(qp,), coef=coef, spec=spec, blocks=blocks, backend=cfg.backend,
+        a, qp, xs=(qp,), coef=coef, spec=spec, blocks=blocks, backend=cfg.backend,
         interpret=cfg.interpret, precision=cfg.precision, out_dtype=q.dtype,
         name="eq_factor_update",
     )
@@ -116,6 +125,7 @@ def eq_factor_update(
     backend: str = "gpu",
     interpret: Any = False,
     precision: Any = None,
+    fuse_difference: bool = False,
 ) -> Float[Array, "*batch n n"]:
     """One fused `EQ` step of (a stack of) upper-triangular factors.
 
@@ -135,6 +145,11 @@ def eq_factor_update(
         `pltpu.InterpretParams()` (TPU-semantics interpreter).
     - `precision`: `jax.lax.Precision` of the product (`None` = TF32 on GPU for float32,
         like XLA's default).
+    - `fuse_difference`: form T₁ − T₂ tile by tile inside the product (one launch, no
+        materialised E) instead of in a separate elementwise pass. Meant for small factors,
+        where launches dominate; not yet timed on a GPU (it came after the H100
+        measurements in `benchmarks/RESULTS.md`; `benchmarks/kernels.py --ops eq,eq_fused`
+        compares the two), hence off by default.
 
     **Returns:** the updated factor(s), in `q`'s dtype (computed in float32).
 
@@ -150,4 +165,7 @@ def eq_factor_update(
         raise ValueError(f"`block_sizes` must be a BlockSizes or None; got {block_sizes!r}.")
     if block_sizes is not None:
         block_sizes.validate(backend, _TILES)
-    return _eq_factor_update(q, t1, t2, eta, _Config(block_sizes, backend, interpret, precision))
+    if not isinstance(fuse_difference, bool):
+        raise ValueError(f"`fuse_difference` must be a bool; got {fuse_difference!r}.")
+    cfg = _Config(block_sizes, backend, interpret, precision, fuse_difference)
+    return _eq_factor_update(q, t1, t2, eta, cfg)

@@ -10,6 +10,8 @@ with, all static:
   masked, so the strictly other triangle of the input is ignored. On GPU the masked steps
   are peeled off the main loop, whose operands go from memory to the matrix unit unchanged
   (an elementwise op between load and dot defeats Triton's software pipelining);
+- optionally, A given as a difference A₁ − A₂ formed per tile in f32 (`a_diff`), which saves
+  the launch and the HBM round trip of materialising it (the `EQ` update's T₁ − T₂);
 - the epilogue `c₀X₀ + c₁X₁ + c₂·acc` with per-matrix scalars c and same-shaped tiles X, a
   row scale and a column scale (diagonal Kronecker factors), and a triangular output mask.
 
@@ -44,6 +46,7 @@ class ProductSpec:
     has_coef: bool = False  # epilogue coefficients (B, 4): c0, c1, c2, unused
     row_scale: bool = False
     col_scale: bool = False
+    a_diff: bool = False  # A arrives as (A₁, A₂), op(A) = A₁ − A₂
 
 
 def dot_f32(a, b, precision):
@@ -93,8 +96,10 @@ def _mask_split(spec: ProductSpec, i, j, bm: int, bn: int, bk: int, lo, hi):
     return p1, p2
 
 
-def _a_tile(a, spec, row0, k0, masked: bool = True):
-    """op(A) tile (bm, bk) from the loaded tile (transposed if read transposed)."""
+def _a_tile(a, spec, row0, k0, masked: bool = True, a2=None):
+    """op(A) tile (bm, bk) from the loaded tile(s) (transposed if read transposed)."""
+    if a2 is not None:
+        a = a.astype(jnp.float32) - a2.astype(jnp.float32)
     if spec.trans_a:
         a = a.T
     return _tri_mask(a, row0, k0, spec.a_tri) if masked else a
@@ -127,6 +132,8 @@ def _unpack(refs, spec, extra_scratch: int = 0):
     it = iter(refs)
     coef_ref = next(it) if spec.has_coef else None
     a_ref = next(it)
+    if spec.a_diff:
+        a_ref = (a_ref, next(it))
     b_ref = next(it)
     x_refs = [next(it) for _ in range(spec.n_extra)]
     rs_ref = next(it) if spec.row_scale else None
@@ -147,12 +154,14 @@ def _gpu_kernel(*refs, spec: ProductSpec, bm: int, bn: int, bk: int, nk: int, pr
     i, j = pl.program_id(1), pl.program_id(2)
     row0, col0 = i * bm, j * bn
 
+    a_refs = a_ref if spec.a_diff else (a_ref,)
+
     def steps(start, stop, masked, acc):
         def body(kk, acc):
             k0 = pl.multiple_of(kk * bk, bk)
-            a = a_ref[pl.ds(k0, bk), :] if spec.trans_a else a_ref[:, pl.ds(k0, bk)]
+            a = [r[pl.ds(k0, bk), :] if spec.trans_a else r[:, pl.ds(k0, bk)] for r in a_refs]
             b = b_ref[:, pl.ds(k0, bk)] if spec.trans_b else b_ref[pl.ds(k0, bk), :]
-            a = _a_tile(a, spec, row0, k0, masked)
+            a = _a_tile(a[0], spec, row0, k0, masked, *a[1:])
             b = _b_tile(b, spec, k0, col0, masked)
             return acc + dot_f32(a, b, precision)
 
@@ -183,8 +192,9 @@ def _triton_params(num_warps: int, num_stages: int):
 
 def _gpu_product(a, b, xs, coef, rs, cs, *, spec, blocks, bm, bn, bk, precision, out_dtype,
                  interpret, name):
-    nb, m, n = a.shape[0], _rows(a, spec), _cols(b, spec)
-    kdim = a.shape[1] if spec.trans_a else a.shape[2]
+    a0 = a[0] if spec.a_diff else a
+    nb, m, n = a0.shape[0], _rows(a0, spec), _cols(b, spec)
+    kdim = a0.shape[1] if spec.trans_a else a0.shape[2]
     nk = kdim // bk
     if spec.trans_a:
         a_spec = pl.BlockSpec((None, kdim, bm), lambda z, i, j: (z, 0, i))
@@ -199,8 +209,9 @@ def _gpu_product(a, b, xs, coef, rs, cs, *, spec, blocks, bm, bn, bk, precision,
     if spec.has_coef:
         in_specs.append(pl.BlockSpec((None, 4), lambda z, i, j: (z, 0)))
         args.append(coef)
-    in_specs.append(a_spec)
-    args.append(a)
+    a_parts = a if spec.a_diff else (a,)
+    in_specs += [a_spec] * len(a_parts)
+    args += list(a_parts)
     in_specs.append(b_spec)
     args.append(b)
     for x in xs:
@@ -247,7 +258,8 @@ def _tpu_kernel(*refs, spec: ProductSpec, bm: int, bn: int, bk: int, nk: int, pr
     @pl.when((kk >= lo) & (kk < hi))
     def _accumulate():
         k0 = kk * bk
-        a = _a_tile(a_ref[...], spec, row0, k0)
+        a = _a_tile(a_ref[0][...], spec, row0, k0, True, a_ref[1][...]) if spec.a_diff else \
+            _a_tile(a_ref[...], spec, row0, k0)
         b = _b_tile(b_ref[...], spec, k0, col0)
         acc_ref[...] += dot_f32(a, b, precision)
 
@@ -264,8 +276,9 @@ def _tpu_kernel(*refs, spec: ProductSpec, bm: int, bn: int, bk: int, nk: int, pr
 def _tpu_product(a, b, xs, coef, rs, cs, *, spec, blocks, bm, bn, bk, precision, out_dtype,
                  interpret, name):
     del blocks
-    nb, m, n = a.shape[0], _rows(a, spec), _cols(b, spec)
-    kdim = a.shape[1] if spec.trans_a else a.shape[2]
+    a0 = a[0] if spec.a_diff else a
+    nb, m, n = a0.shape[0], _rows(a0, spec), _cols(b, spec)
+    kdim = a0.shape[1] if spec.trans_a else a0.shape[2]
     nk = kdim // bk
 
     def kclamp(i, j, kk):
@@ -285,8 +298,9 @@ def _tpu_product(a, b, xs, coef, rs, cs, *, spec, blocks, bm, bn, bk, precision,
     if spec.has_coef:
         in_specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
         args.append(coef)
-    in_specs.append(a_spec)
-    args.append(a)
+    a_parts = a if spec.a_diff else (a,)
+    in_specs += [a_spec] * len(a_parts)
+    args += list(a_parts)
     in_specs.append(b_spec)
     args.append(b)
     for x in xs:
@@ -343,8 +357,9 @@ def product(
     Blocks are fitted to the dims (a block larger than its dim shrinks to the dim, which
     the caller has padded to a legal size).
     """
-    m, n = _rows(a, spec), _cols(b, spec)
-    kdim = a.shape[1] if spec.trans_a else a.shape[2]
+    a0 = a[0] if spec.a_diff else a
+    m, n = _rows(a0, spec), _cols(b, spec)
+    kdim = a0.shape[1] if spec.trans_a else a0.shape[2]
     bm = blocks.fitted(backend, "block_m", m)
     bn = blocks.fitted(backend, "block_n", n)
     bk = blocks.fitted(backend, "block_k", kdim)

@@ -1,7 +1,6 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.scipy.linalg as jsl
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
 from .._geometry import (
@@ -13,6 +12,7 @@ from .._geometry import (
     dense_step,
 )
 from .._norms import Normaliser
+from .._ops import solve_upper_h
 from .._numerics import compute_dtype, promote, real_dtype
 from .base import AbstractPrecond, as_shape, check_fit_pair, check_shape, flat_size, keep_if_finite
 
@@ -132,7 +132,7 @@ class DenseQ(AbstractPrecond):
         one = jnp.ones((), rd)  # c = N/n = 1 for a single factor over the whole vector
 
         if spec.name == "EQ":
-            b = jsl.solve_triangular(q, vv, trans="C", lower=False)  # Q⁻ᴴ v
+            b = solve_upper_h(q, vv)  # Q⁻ᴴ v
             t1, t2 = Outer((q @ x)[:, None]), Outer(b[:, None])
         else:
             pg = self._p_times(q, x)

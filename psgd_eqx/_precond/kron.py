@@ -4,7 +4,6 @@ import string
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.scipy.linalg as jsl
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
 from .._geometry import (
@@ -20,7 +19,7 @@ from .._geometry import (
 )
 from .._norms import Normaliser
 from .._numerics import abs2, compute_dtype, promote, real_dtype
-from .._ops import check_use_kernels
+from .._ops import check_use_kernels, solve_upper_h
 from .._plan import squeezed_shape
 from .base import AbstractPrecond, check_fit_pair, keep_if_finite
 
@@ -289,9 +288,7 @@ class KronQ(AbstractPrecond):
                 if d:
                     a = _mode_product(q, a, i)
                     bm = jnp.moveaxis(b, i, 0)
-                    sol = jsl.solve_triangular(
-                        q, bm.reshape(q.shape[0], -1), trans="C", lower=False
-                    )
+                    sol = solve_upper_h(q, bm.reshape(q.shape[0], -1))
                     b = jnp.moveaxis(sol.reshape(bm.shape), 0, i)
                 else:
                     a = _mode_scale(q, a, i)
