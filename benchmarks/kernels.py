@@ -207,13 +207,14 @@ def _step_experiment(args, ds):
     on every step (median of `--reps` × 10 steps); `optax.adam` on the same tree for scale.
     """
     import optax
+
     import psgd_eqx
 
     geometries = args.step_geometry.split(",")
     names = {"False": False, "auto": "auto", "True": True}
     settings = [(names[v], v) for v in args.step_kernels.split(",")]
-    print("| d_model | layers | geometry | " + " | ".join(f"use_kernels={n} ms" for _, n in settings)
-          + " | adam ms | first / last |")
+    columns = " | ".join(f"use_kernels={n} ms" for _, n in settings)
+    print(f"| d_model | layers | geometry | {columns} | adam ms | first / last |")
     print("|---|---|---|" + "---|" * len(settings) + "---|---|")
     for d in ds:
         params = _layer_stack(args.step_layers, d)

@@ -8,7 +8,7 @@ import pytest
 # with arguments, so the kernels package is hooked here, before any test imports it.
 jaxtyping.install_import_hook(
     "psgd_eqx_kernels",
-    "beartype.beartype(conf=beartype.BeartypeConf(strategy=beartype.BeartypeStrategy.On, is_pep484_tower=True))",
+    "beartype.beartype(conf=beartype.BeartypeConf(strategy=beartype.BeartypeStrategy.On, is_pep484_tower=True))",  # noqa: E501
 )
 
 

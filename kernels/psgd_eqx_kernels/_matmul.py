@@ -96,10 +96,9 @@ def _mask_split(spec: ProductSpec, i, j, bm: int, bn: int, bk: int, lo, hi):
     return p1, p2
 
 
-def _a_tile(a, spec, row0, k0, masked: bool = True, a2=None):
+def _a_tile(parts, spec, row0, k0, masked: bool = True):
     """op(A) tile (bm, bk) from the loaded tile(s) (transposed if read transposed)."""
-    if a2 is not None:
-        a = a.astype(jnp.float32) - a2.astype(jnp.float32)
+    a = parts[0] if len(parts) == 1 else parts[0].astype(jnp.float32) - parts[1].astype(jnp.float32)
     if spec.trans_a:
         a = a.T
     return _tri_mask(a, row0, k0, spec.a_tri) if masked else a
@@ -131,16 +130,14 @@ def _epilogue(acc, spec, coef, xs, rs, cs, row0, col0):
 def _unpack(refs, spec, extra_scratch: int = 0):
     it = iter(refs)
     coef_ref = next(it) if spec.has_coef else None
-    a_ref = next(it)
-    if spec.a_diff:
-        a_ref = (a_ref, next(it))
+    a_refs = tuple(next(it) for _ in range(2 if spec.a_diff else 1))
     b_ref = next(it)
     x_refs = [next(it) for _ in range(spec.n_extra)]
     rs_ref = next(it) if spec.row_scale else None
     cs_ref = next(it) if spec.col_scale else None
     o_ref = next(it)
     scratch = [next(it) for _ in range(extra_scratch)]
-    return coef_ref, a_ref, b_ref, x_refs, rs_ref, cs_ref, o_ref, scratch
+    return coef_ref, a_refs, b_ref, x_refs, rs_ref, cs_ref, o_ref, scratch
 
 
 # -- GPU (Pallas Triton) ------------------------------------------------------------------
@@ -150,18 +147,16 @@ def _unpack(refs, spec, extra_scratch: int = 0):
 
 
 def _gpu_kernel(*refs, spec: ProductSpec, bm: int, bn: int, bk: int, nk: int, precision):
-    coef_ref, a_ref, b_ref, x_refs, rs_ref, cs_ref, o_ref, _ = _unpack(refs, spec)
+    coef_ref, a_refs, b_ref, x_refs, rs_ref, cs_ref, o_ref, _ = _unpack(refs, spec)
     i, j = pl.program_id(1), pl.program_id(2)
     row0, col0 = i * bm, j * bn
-
-    a_refs = a_ref if spec.a_diff else (a_ref,)
 
     def steps(start, stop, masked, acc):
         def body(kk, acc):
             k0 = pl.multiple_of(kk * bk, bk)
             a = [r[pl.ds(k0, bk), :] if spec.trans_a else r[:, pl.ds(k0, bk)] for r in a_refs]
             b = b_ref[:, pl.ds(k0, bk)] if spec.trans_b else b_ref[pl.ds(k0, bk), :]
-            a = _a_tile(a[0], spec, row0, k0, masked, *a[1:])
+            a = _a_tile(a, spec, row0, k0, masked)
             b = _b_tile(b, spec, k0, col0, masked)
             return acc + dot_f32(a, b, precision)
 
@@ -192,9 +187,7 @@ def _triton_params(num_warps: int, num_stages: int):
 
 def _gpu_product(a, b, xs, coef, rs, cs, *, spec, blocks, bm, bn, bk, precision, out_dtype,
                  interpret, name):
-    a0 = a[0] if spec.a_diff else a
-    nb, m, n = a0.shape[0], _rows(a0, spec), _cols(b, spec)
-    kdim = a0.shape[1] if spec.trans_a else a0.shape[2]
+    nb, m, n, kdim = _dims(a, b, spec)
     nk = kdim // bk
     if spec.trans_a:
         a_spec = pl.BlockSpec((None, kdim, bm), lambda z, i, j: (z, 0, i))
@@ -209,9 +202,8 @@ def _gpu_product(a, b, xs, coef, rs, cs, *, spec, blocks, bm, bn, bk, precision,
     if spec.has_coef:
         in_specs.append(pl.BlockSpec((None, 4), lambda z, i, j: (z, 0)))
         args.append(coef)
-    a_parts = a if spec.a_diff else (a,)
-    in_specs += [a_spec] * len(a_parts)
-    args += list(a_parts)
+    in_specs += [a_spec] * len(_a_parts(a, spec))
+    args += _a_parts(a, spec)
     in_specs.append(b_spec)
     args.append(b)
     for x in xs:
@@ -244,7 +236,7 @@ def _gpu_product(a, b, xs, coef, rs, cs, *, spec, blocks, bm, bn, bk, precision,
 
 
 def _tpu_kernel(*refs, spec: ProductSpec, bm: int, bn: int, bk: int, nk: int, precision):
-    coef_ref, a_ref, b_ref, x_refs, rs_ref, cs_ref, o_ref, (acc_ref,) = _unpack(
+    coef_ref, a_refs, b_ref, x_refs, rs_ref, cs_ref, o_ref, (acc_ref,) = _unpack(
         refs, spec, extra_scratch=1
     )
     z, i, j, kk = pl.program_id(0), pl.program_id(1), pl.program_id(2), pl.program_id(3)
@@ -258,8 +250,7 @@ def _tpu_kernel(*refs, spec: ProductSpec, bm: int, bn: int, bk: int, nk: int, pr
     @pl.when((kk >= lo) & (kk < hi))
     def _accumulate():
         k0 = kk * bk
-        a = _a_tile(a_ref[0][...], spec, row0, k0, True, a_ref[1][...]) if spec.a_diff else \
-            _a_tile(a_ref[...], spec, row0, k0)
+        a = _a_tile([r[...] for r in a_refs], spec, row0, k0)
         b = _b_tile(b_ref[...], spec, k0, col0)
         acc_ref[...] += dot_f32(a, b, precision)
 
@@ -276,9 +267,7 @@ def _tpu_kernel(*refs, spec: ProductSpec, bm: int, bn: int, bk: int, nk: int, pr
 def _tpu_product(a, b, xs, coef, rs, cs, *, spec, blocks, bm, bn, bk, precision, out_dtype,
                  interpret, name):
     del blocks
-    a0 = a[0] if spec.a_diff else a
-    nb, m, n = a0.shape[0], _rows(a0, spec), _cols(b, spec)
-    kdim = a0.shape[1] if spec.trans_a else a0.shape[2]
+    nb, m, n, kdim = _dims(a, b, spec)
     nk = kdim // bk
 
     def kclamp(i, j, kk):
@@ -298,9 +287,8 @@ def _tpu_product(a, b, xs, coef, rs, cs, *, spec, blocks, bm, bn, bk, precision,
     if spec.has_coef:
         in_specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
         args.append(coef)
-    a_parts = a if spec.a_diff else (a,)
-    in_specs += [a_spec] * len(a_parts)
-    args += list(a_parts)
+    in_specs += [a_spec] * len(_a_parts(a, spec))
+    args += _a_parts(a, spec)
     in_specs.append(b_spec)
     args.append(b)
     for x in xs:
@@ -326,6 +314,17 @@ def _tpu_product(a, b, xs, coef, rs, cs, *, spec, blocks, bm, bn, bk, precision,
         interpret=interpret,
         name=name,
     )(*args)
+
+
+def _a_parts(a, spec) -> list:
+    """The A operand as a list of arrays: (A₁, A₂) for a difference, else (A,)."""
+    return list(a) if spec.a_diff else [a]
+
+
+def _dims(a, b, spec):
+    """(batch, rows, columns, depth) of a product."""
+    a0 = _a_parts(a, spec)[0]
+    return a0.shape[0], _rows(a0, spec), _cols(b, spec), a0.shape[1 if spec.trans_a else 2]
 
 
 def _rows(a, spec):
@@ -357,9 +356,7 @@ def product(
     Blocks are fitted to the dims (a block larger than its dim shrinks to the dim, which
     the caller has padded to a legal size).
     """
-    a0 = a[0] if spec.a_diff else a
-    m, n = _rows(a0, spec), _cols(b, spec)
-    kdim = a0.shape[1] if spec.trans_a else a0.shape[2]
+    _, m, n, kdim = _dims(a, b, spec)
     bm = blocks.fitted(backend, "block_m", m)
     bn = blocks.fitted(backend, "block_n", n)
     bk = blocks.fitted(backend, "block_k", kdim)

@@ -12,8 +12,8 @@ from .._geometry import (
     dense_step,
 )
 from .._norms import Normaliser
-from .._ops import solve_upper_h
 from .._numerics import compute_dtype, promote, real_dtype
+from .._ops import solve_upper_h
 from .base import AbstractPrecond, as_shape, check_fit_pair, check_shape, flat_size, keep_if_finite
 
 
