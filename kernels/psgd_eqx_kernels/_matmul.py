@@ -198,23 +198,12 @@ def _gpu_product(a, b, xs, coef, rs, cs, *, spec, blocks, bm, bn, bk, precision,
     else:
         b_spec = pl.BlockSpec((None, kdim, bn), lambda z, i, j: (z, 0, j))
     tile = pl.BlockSpec((None, bm, bn), lambda z, i, j: (z, i, j))
-    in_specs, args = [], []
-    if spec.has_coef:
-        in_specs.append(pl.BlockSpec((None, 4), lambda z, i, j: (z, 0)))
-        args.append(coef)
-    in_specs += [a_spec] * len(_a_parts(a, spec))
-    args += _a_parts(a, spec)
-    in_specs.append(b_spec)
-    args.append(b)
-    for x in xs:
-        in_specs.append(tile)
-        args.append(x)
-    if spec.row_scale:
-        in_specs.append(pl.BlockSpec((None, bm, 1), lambda z, i, j: (z, i, 0)))
-        args.append(rs)
-    if spec.col_scale:
-        in_specs.append(pl.BlockSpec((None, 1, bn), lambda z, i, j: (z, 0, j)))
-        args.append(cs)
+    in_specs, args = _operands(
+        spec, a, b, xs, coef, rs, cs, a_spec=a_spec, b_spec=b_spec, tile=tile,
+        coef_spec=pl.BlockSpec((None, 4), lambda z, i, j: (z, 0)),
+        rs_spec=pl.BlockSpec((None, bm, 1), lambda z, i, j: (z, i, 0)),
+        cs_spec=pl.BlockSpec((None, 1, bn), lambda z, i, j: (z, 0, j)),
+    )
     kernel = ft.partial(_gpu_kernel, spec=spec, bm=bm, bn=bn, bk=bk, nk=nk, precision=precision)
     return pl.pallas_call(
         kernel,
@@ -283,23 +272,12 @@ def _tpu_product(a, b, xs, coef, rs, cs, *, spec, blocks, bm, bn, bk, precision,
     else:
         b_spec = pl.BlockSpec((None, bk, bn), lambda z, i, j, kk: (z, kclamp(i, j, kk), j))
     tile = pl.BlockSpec((None, bm, bn), lambda z, i, j, kk: (z, i, j))
-    in_specs, args = [], []
-    if spec.has_coef:
-        in_specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
-        args.append(coef)
-    in_specs += [a_spec] * len(_a_parts(a, spec))
-    args += _a_parts(a, spec)
-    in_specs.append(b_spec)
-    args.append(b)
-    for x in xs:
-        in_specs.append(tile)
-        args.append(x)
-    if spec.row_scale:
-        in_specs.append(pl.BlockSpec((None, bm, 1), lambda z, i, j, kk: (z, i, 0)))
-        args.append(rs)
-    if spec.col_scale:
-        in_specs.append(pl.BlockSpec((None, 1, bn), lambda z, i, j, kk: (z, 0, j)))
-        args.append(cs)
+    in_specs, args = _operands(
+        spec, a, b, xs, coef, rs, cs, a_spec=a_spec, b_spec=b_spec, tile=tile,
+        coef_spec=pl.BlockSpec(memory_space=pltpu.SMEM),
+        rs_spec=pl.BlockSpec((None, bm, 1), lambda z, i, j, kk: (z, i, 0)),
+        cs_spec=pl.BlockSpec((None, 1, bn), lambda z, i, j, kk: (z, 0, j)),
+    )
     kernel = ft.partial(_tpu_kernel, spec=spec, bm=bm, bn=bn, bk=bk, nk=nk, precision=precision)
     return pl.pallas_call(
         kernel,
@@ -314,6 +292,20 @@ def _tpu_product(a, b, xs, coef, rs, cs, *, spec, blocks, bm, bn, bk, precision,
         interpret=interpret,
         name=name,
     )(*args)
+
+
+def _operands(spec, a, b, xs, coef, rs, cs, *, a_spec, b_spec, tile, coef_spec, rs_spec,
+              cs_spec):
+    """(in_specs, args) of a product, in the order `_unpack` reads them."""
+    pairs = [(coef_spec, coef)] if spec.has_coef else []
+    pairs += [(a_spec, part) for part in _a_parts(a, spec)]
+    pairs.append((b_spec, b))
+    pairs += [(tile, x) for x in xs]
+    if spec.row_scale:
+        pairs.append((rs_spec, rs))
+    if spec.col_scale:
+        pairs.append((cs_spec, cs))
+    return [p for p, _ in pairs], [x for _, x in pairs]
 
 
 def _a_parts(a, spec) -> list:
