@@ -391,6 +391,8 @@ def test_argument_validation():
                             norm_bound=K.one_step_norm_bound)
     with pytest.raises(ValueError, match="`op` must be one of"):
         K.should_use_kernel("matmul", 128, 1)
+    with pytest.raises(shape_error, match="fuse_difference"):
+        K.eq_factor_update(q, q, q, jnp.asarray(0.1), fuse_difference="yes")
 
 
 def test_should_use_kernel():
