@@ -6,6 +6,7 @@ from ._alias import (
     affine as affine,
     dense as dense,
     diag as diag,
+    get_opt_state_partition_specs as get_opt_state_partition_specs,
     kron as kron,
     lra as lra,
     psgd as psgd,
@@ -20,10 +21,8 @@ from ._numerics import (
 )
 from ._plan import (
     LeafPlan as LeafPlan,
-    block_pieces as block_pieces,
     dense_axes as dense_axes,
     kron_plan as kron_plan,
-    matrix_view as matrix_view,
     plan_table as plan_table,
     scanned_predicate as scanned_predicate,
 )
@@ -44,8 +43,8 @@ from ._probe import (
     hessian_helper as hessian_helper,
 )
 from ._schedules import precond_update_prob_schedule as precond_update_prob_schedule
+from ._shapes import block_pieces as block_pieces, matrix_view as matrix_view
 from ._sharding import (
-    get_opt_state_partition_specs as get_opt_state_partition_specs,
     precond_partition_specs as precond_partition_specs,
     state_partition_specs as state_partition_specs,
 )

@@ -9,31 +9,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import PartitionSpec
-from jaxtyping import ArrayLike, PRNGKeyArray
+from jaxtyping import ArrayLike, PRNGKeyArray, PyTree
 
 from ._geometry import canonical_geometry
-from ._numerics import compute_dtype, promote
+from ._misc import as_key, concrete, init_int
+from ._numerics import storage_dtype
 from ._ops import check_use_kernels
 from ._plan import (
     LeafPlan,
-    affine_dense_sides,
-    init_int,
     kron_plan,
     validate_structure_rules,
 )
 from ._precond import LRAQ, AffineQ, BlockedQ, DenseQ, DiagQ, KronQ, StackedQ, XMatQ
-from ._transform import GLOBAL, _as_key, scale_by_psgd
-
-
-def _storage_dtype(param_dtype, precond_dtype):
-    """Preconditioner storage dtype: `precond_dtype` if given (kept complex for complex
-    params), else the params' compute dtype (≥ f32)."""
-    if precond_dtype is None:
-        return compute_dtype(param_dtype)
-    dtype = jnp.dtype(precond_dtype)
-    if jnp.issubdtype(param_dtype, jnp.complexfloating):
-        dtype = promote(dtype, jnp.complex64)
-    return dtype
+from ._shapes import affine_dense_sides
+from ._sharding import state_partition_specs
+from ._transform import GLOBAL, scale_by_psgd
 
 
 def _fit_target(whiten_grad: bool | None, momentum_into_precond_update: bool | None) -> bool:
@@ -179,7 +169,7 @@ def scale_by_kron(
     plans: dict = {}  # filled by init_fn from the whole-tree plan, read by structure
 
     def structure(path, p):
-        dtype = _storage_dtype(p.dtype, precond_dtype)
+        dtype = storage_dtype(p.dtype, precond_dtype)
         lp = plans[jax.tree_util.keystr(path)]
 
         def make(shape):
@@ -257,8 +247,6 @@ def scale_by_kron(
         mesh = jax.sharding.get_abstract_mesh()
         wants = params_partition_specs is not None or preconditioner_partition_spec is not None
         if wants and mesh is not None and not mesh.empty:
-            from ._sharding import state_partition_specs
-
             pspecs = params_partition_specs
             if pspecs is None:
                 pspecs = jax.tree.map(lambda _: PartitionSpec(), updates)
@@ -399,8 +387,6 @@ def _with_lr_and_decay(
     global_norm_clip=None,
 ) -> optax.GradientTransformationExtraArgs:
     """chain(scale, [clip_by_global_norm], [add_decayed_weights], scale_by_learning_rate)."""
-    from ._transform import concrete
-
     if concrete(weight_decay) is not None and not concrete(weight_decay) >= 0:
         raise ValueError(f"`weight_decay` must be >= 0; got {weight_decay!r}.")
     if not callable(learning_rate) and concrete(learning_rate) is not None and not (
@@ -433,8 +419,6 @@ _FIXED_LEGACY = {"step_normalizer_order": "2nd", "precision": "tensorfloat32", "
 def _is_default(name: str, value) -> bool:
     """Whether `value` is `scale_by_psgd`'s default for `name` (also as an f32 array, the
     form `optax.inject_hyperparams` gives it)."""
-    from ._transform import concrete
-
     default = inspect.signature(scale_by_psgd).parameters[name].default
     if value is None or default is None or isinstance(value, (str, bool)):
         return value is default or value == default
@@ -545,11 +529,11 @@ def _flat_alias(
     def structure(path, p):
         del path
         if per_leaf:
-            return make(p.shape, _storage_dtype(p.dtype, precond_dtype))
+            return make(p.shape, storage_dtype(p.dtype, precond_dtype))
         return GLOBAL
 
     def global_structure(n, dtype):
-        return make((n,), _storage_dtype(dtype, precond_dtype))
+        return make((n,), storage_dtype(dtype, precond_dtype))
 
     return psgd(learning_rate, structure, global_structure=global_structure, **kwargs)
 
@@ -625,7 +609,7 @@ def lra(
         # U's random start: from the optimizer's key, distinct per leaf (a separate stream
         # from the probes, which split the same key). Only called at `init`, where an
         # inject_hyperparams key is concrete.
-        base = _as_key(42 if seed is None else seed)
+        base = as_key(42 if seed is None else seed)
         k = jax.random.fold_in(jax.random.fold_in(base, 0x4C5241), next(counter))
         return LRAQ.init(shape, dt, rank=min(rank, max(n - 1, 0)), key=k)
 
@@ -701,8 +685,6 @@ def affine(
 
     **Returns:** an `optax.GradientTransformationExtraArgs`.
     """
-    from ._transform import concrete
-
     geometry = canonical_geometry(geometry)
     # inject_hyperparams passes arrays (traced in `update`, where the rules are unused)
     size, skew = (concrete(x) if hasattr(x, "dtype") else x
@@ -781,3 +763,52 @@ for _fn, _defaults, _legacy in (
     (diag, {}, ()),
 ):
     _advertise_signature(_fn, _defaults, _legacy)
+
+
+def get_opt_state_partition_specs(
+    params: PyTree,
+    scale_by_kron_only: bool = False,
+    *,
+    mesh=None,
+    **kwargs: Any,
+) -> PyTree[PartitionSpec]:
+    """The `PartitionSpec` tree of `kron(**kwargs).init(params)` (distributed_kron's helper).
+
+    **Arguments:**
+
+    - `params`: the params (arrays or `jax.ShapeDtypeStruct`s).
+    - `scale_by_kron_only`: the state of `scale_by_kron(**kwargs)` instead of `kron`.
+    - `mesh`: the `Mesh` the state will live on (or `None` to use the one set with
+        `jax.set_mesh`). It lets the rules check divisibility and spread the factors of
+        unsharded axes over the mesh; without any mesh, factors only reuse their
+        parameter axis' placement.
+    - `**kwargs`: the keywords given to [`psgd_eqx.kron`][], including
+        `params_partition_specs` (default: read from the params' shardings) and
+        `preconditioner_partition_spec`.
+
+    **Returns:** a tree with the structure of the optimizer state whose leaves are
+    `PartitionSpec`s; map it to `NamedSharding(mesh, spec)` for `jax.jit`'s
+    `out_shardings`/`in_shardings`.
+
+    !!! Example
+
+        ```python
+        kw = dict(learning_rate=3e-4, params_partition_specs=param_specs)
+        opt = psgd_eqx.kron(**kw)
+        specs = psgd_eqx.get_opt_state_partition_specs(params, mesh=mesh, **kw)
+        shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                                 is_leaf=lambda x: isinstance(x, PartitionSpec))
+        state = jax.jit(opt.init, out_shardings=shardings)(params)
+        ```
+    """
+    factory = scale_by_kron if scale_by_kron_only else kron
+    accepted = inspect.signature(factory).parameters
+    opt = factory(**{k: v for k, v in kwargs.items() if k in accepted})
+    shapes = jax.eval_shape(opt.init, params)
+    return state_partition_specs(
+        shapes,
+        params,
+        kwargs.get("params_partition_specs"),
+        mesh=mesh,
+        preconditioner_partition_spec=kwargs.get("preconditioner_partition_spec"),
+    )

@@ -39,6 +39,28 @@ def real_dtype(dtype: DTypeLike) -> jnp.dtype:
     return jnp.finfo(dtype).dtype
 
 
+def storage_dtype(param_dtype: DTypeLike, precond_dtype: DTypeLike | None) -> jnp.dtype:
+    """The dtype a parameter's preconditioner is stored in: the one rule that the aliases
+    (which build it) and the planner (which counts its bytes) both use.
+
+    `precond_dtype` if given, kept complex for complex params (a bf16 request for a c64
+    parameter stores c64); else the params' compute dtype (≥ f32).
+
+    **Arguments:**
+
+    - `param_dtype`: the parameter's dtype.
+    - `precond_dtype`: the user's storage dtype, or `None`.
+
+    **Returns:** the storage dtype.
+    """
+    if precond_dtype is None:
+        return compute_dtype(param_dtype)
+    dtype = jnp.dtype(precond_dtype)
+    if jnp.issubdtype(jnp.dtype(param_dtype), jnp.complexfloating):
+        dtype = promote(dtype, jnp.complex64)
+    return dtype
+
+
 def is_complex(dtype: DTypeLike) -> bool:
     return bool(jnp.issubdtype(jnp.dtype(dtype), jnp.complexfloating))
 

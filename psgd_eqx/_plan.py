@@ -27,90 +27,9 @@ import jax.numpy as jnp
 from jaxtyping import ArrayLike, PyTree
 
 from ._geometry import canonical_geometry
-from ._numerics import compute_dtype, real_dtype
-
-
-def init_int(name: str, value, minimum: int) -> int | None:
-    """An integer option as a Python int, validated; `None` while traced.
-
-    `optax.inject_hyperparams` passes numbers as arrays, traced inside `update`, where
-    these options (used only at `init`) need not be read.
-    """
-    from ._transform import concrete
-
-    number = concrete(value) if hasattr(value, "dtype") else value
-    if number is None:
-        return None
-    if isinstance(number, float) and number.is_integer():
-        number = int(number)
-    if isinstance(number, bool) or not isinstance(number, int) or number < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}; got {value!r}.")
-    return number
-
-
-def squeezed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The axes that get a factor: size-1 axes are dropped; a scalar (or all-ones shape) is
-    treated as a length-1 vector with one diagonal factor."""
-    sq = tuple(int(n) for n in shape if n != 1)
-    if not sq:
-        return (1,)
-    return sq
-
-
-def matrix_view(shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, int]]:
-    """How an affine preconditioner sees a tensor as a matrix (psgd_jax's rule).
-
-    Scalars and vectors become a `(1, n)` row; matrices stay; a higher-order tensor is
-    transposed and reshaped to the `(m, k)` matrix with the smallest m² + k² (the memory of
-    two dense factors) over all axis orders and split points, the identity order winning
-    ties. Tensors of more than 6 axes only try split points of their own order.
-
-    **Arguments:**
-
-    - `shape`: the parameter's shape.
-
-    **Returns:** `(perm, (m, k))`: transpose the tensor by `perm`, then reshape to `(m, k)`.
-    """
-    shape = tuple(int(n) for n in shape)
-    ident = tuple(range(len(shape)))
-    if len(shape) < 2:
-        return ident, (1, math.prod(shape))
-    if len(shape) == 2:
-        return ident, (shape[0], shape[1])
-    orders = itertools.permutations(ident) if len(shape) <= 6 else [ident]
-    best = None
-    for perm in orders:
-        s = [shape[j] for j in perm]
-        for i in range(1, len(s)):
-            m, k = math.prod(s[:i]), math.prod(s[i:])
-            if best is None or m * m + k * k < best[0]:
-                best = (m * m + k * k, tuple(perm), (m, k))
-    return best[1], best[2]
-
-
-def affine_dense_sides(
-    matrix_shape: tuple[int, int], max_size_triangular: float, max_skew_triangular: float
-) -> tuple[bool, bool]:
-    """psgd_jax's affine rule: a side of size s (the other side t) is diagonal when
-    s < 2, s > `max_size_triangular` or s > `max_skew_triangular`·t; dense otherwise.
-
-    **Arguments:**
-
-    - `matrix_shape`: `(m, k)` from [`psgd_eqx.matrix_view`][].
-    - `max_size_triangular`, `max_skew_triangular`: the rule's thresholds.
-
-    **Returns:** `(left_dense, right_dense)`.
-    """
-    m, k = matrix_shape
-    for name, val in (("max_size_triangular", max_size_triangular),
-                      ("max_skew_triangular", max_skew_triangular)):
-        if isinstance(val, bool) or not isinstance(val, (int, float)) or not val >= 0:
-            raise ValueError(f"`{name}` must be a number >= 0; got {val!r}.")
-
-    def dense(s, t):
-        return not (s < 2 or s > max_size_triangular or s > max_skew_triangular * t)
-
-    return dense(m, k), dense(k, m)
+from ._misc import concrete, init_int
+from ._numerics import compute_dtype, real_dtype, storage_dtype
+from ._shapes import block_pieces, squeezed_shape
 
 
 def scanned_predicate(scanned_layers) -> "Callable[[Any, Any], bool]":
@@ -148,8 +67,6 @@ def validate_structure_rules(
     Array values (as `optax.inject_hyperparams` passes them) are read as numbers when
     concrete and skipped when traced (the rules are only used at `init`).
     """
-    from ._transform import concrete
-
     max_size_triangular, min_ndim_triangular, max_skew_triangular = (
         concrete(x) if hasattr(x, "dtype") else x
         for x in (max_size_triangular, min_ndim_triangular, max_skew_triangular)
@@ -199,8 +116,6 @@ def dense_axes(
 
     **Returns:** one flag per squeezed axis.
     """
-    from ._transform import concrete
-
     validate_structure_rules(
         max_size_triangular, min_ndim_triangular, max_skew_triangular, memory_save_mode
     )
@@ -233,18 +148,6 @@ def dense_axes(
         )
         out.append(not diag)
     return tuple(out)
-
-
-def block_pieces(n: int, block_size: int) -> tuple[tuple[int, int], ...]:
-    """Cut an axis of length n into k = ⌈n / block_size⌉ blocks of (almost) equal length.
-
-    **Returns:** `((count, size), ...)`: `n % k` blocks of ⌊n/k⌋+1 then the rest of
-    ⌊n/k⌋ (one piece if k divides n), so no padding is ever needed.
-    """
-    k = -(-n // block_size)
-    size, extra = divmod(n, k)
-    pieces = ((extra, size + 1),) if extra else ()
-    return pieces + ((k - extra, size),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -573,9 +476,7 @@ def kron_plan(
     target_merged_dim_size = sizes["target_merged_dim_size"] or 1
     block_size = sizes["block_size"] or 2
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    dtypes = [
-        precond_dtype if precond_dtype is not None else compute_dtype(p.dtype) for _, p in flat
-    ]
+    dtypes = [storage_dtype(p.dtype, precond_dtype) for _, p in flat]
     plans = [
         leaf_plan(
             p.shape,
@@ -592,8 +493,6 @@ def kron_plan(
         for (path, p), dtype in zip(flat, dtypes)
     ]
     if hasattr(memory_budget_bytes, "dtype"):  # an array from inject_hyperparams
-        from ._transform import concrete
-
         given = memory_budget_bytes
         memory_budget_bytes = concrete(memory_budget_bytes)
         if memory_budget_bytes is None or not float(memory_budget_bytes).is_integer():

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, PRNGKeyArray, PyTree
 
+from ._misc import concrete
 from ._numerics import compute_dtype, real_dtype
 
 
@@ -118,8 +119,6 @@ def hessian_helper(
     if fd_delta is not None and not fd_delta > 0:
         raise ValueError(f"`fd_delta` must be > 0; got {fd_delta!r}.")
     if not callable(preconditioner_update_probability):
-        from ._transform import concrete
-
         p = concrete(preconditioner_update_probability)
         if p is not None and not 0.0 <= float(p) <= 1.0:
             raise ValueError(

@@ -16,9 +16,7 @@ rules here only decide where each state array lives:
   (jax rejects uneven shardings); scalars, keys and Lipschitz estimates are replicated.
 """
 
-import inspect
 import math
-from typing import Any
 
 import jax
 from jax.sharding import PartitionSpec as P
@@ -279,54 +277,3 @@ def state_partition_specs(
         return jax.tree.unflatten(jax.tree.structure(st), leaves)
 
     return jax.tree.map(one_state, state, is_leaf=lambda x: isinstance(x, PSGDState))
-
-
-def get_opt_state_partition_specs(
-    params: PyTree,
-    scale_by_kron_only: bool = False,
-    *,
-    mesh=None,
-    **kwargs: Any,
-) -> PyTree[P]:
-    """The `PartitionSpec` tree of `kron(**kwargs).init(params)` (distributed_kron's helper).
-
-    **Arguments:**
-
-    - `params`: the params (arrays or `jax.ShapeDtypeStruct`s).
-    - `scale_by_kron_only`: the state of `scale_by_kron(**kwargs)` instead of `kron`.
-    - `mesh`: the `Mesh` the state will live on (or `None` to use the one set with
-        `jax.set_mesh`). It lets the rules check divisibility and spread the factors of
-        unsharded axes over the mesh; without any mesh, factors only reuse their
-        parameter axis' placement.
-    - `**kwargs`: the keywords given to [`psgd_eqx.kron`][], including
-        `params_partition_specs` (default: read from the params' shardings) and
-        `preconditioner_partition_spec`.
-
-    **Returns:** a tree with the structure of the optimizer state whose leaves are
-    `PartitionSpec`s; map it to `NamedSharding(mesh, spec)` for `jax.jit`'s
-    `out_shardings`/`in_shardings`.
-
-    !!! Example
-
-        ```python
-        kw = dict(learning_rate=3e-4, params_partition_specs=param_specs)
-        opt = psgd_eqx.kron(**kw)
-        specs = psgd_eqx.get_opt_state_partition_specs(params, mesh=mesh, **kw)
-        shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
-                                 is_leaf=lambda x: isinstance(x, PartitionSpec))
-        state = jax.jit(opt.init, out_shardings=shardings)(params)
-        ```
-    """
-    from ._alias import kron, scale_by_kron
-
-    factory = scale_by_kron if scale_by_kron_only else kron
-    accepted = inspect.signature(factory).parameters
-    opt = factory(**{k: v for k, v in kwargs.items() if k in accepted})
-    shapes = jax.eval_shape(opt.init, params)
-    return state_partition_specs(
-        shapes,
-        params,
-        kwargs.get("params_partition_specs"),
-        mesh=mesh,
-        preconditioner_partition_spec=kwargs.get("preconditioner_partition_spec"),
-    )

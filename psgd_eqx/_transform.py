@@ -21,6 +21,7 @@ import optax
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from ._bucket import bucketed_map
+from ._misc import as_key, check_key, check_number, concrete
 from ._norms import Normaliser
 from ._numerics import (
     abs2,
@@ -79,50 +80,6 @@ class PSGDState(eqx.Module):
 GLOBAL = "global"
 """Return this from a `structure` callable to put a leaf into the global group: one
 preconditioner (built by `global_structure`) over the concatenation of all such leaves."""
-
-
-def _is_precond_leaf(x) -> bool:
-    return x is None or isinstance(x, AbstractPrecond)
-
-
-def concrete(x):
-    """`x` as a Python number if it is one or a concrete 0-d array; `None` if traced.
-
-    `optax.inject_hyperparams` re-creates the transformation with array-valued (and, under
-    `jit`, traced) hyperparameters; the trace-time configuration is therefore read once, at
-    `init`, and kept in static fields of the state.
-    """
-    if isinstance(x, (bool, int, float)):
-        return x
-    try:
-        return np.asarray(x).item()
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return None
-    except (TypeError, ValueError):
-        return None
-
-
-def _as_key(key) -> PRNGKeyArray:
-    if hasattr(key, "dtype") and jnp.ndim(key) == 0 and not jnp.issubdtype(
-        key.dtype, jax.dtypes.prng_key
-    ):
-        key = int(concrete(key))  # an int seed turned into an array by inject_hyperparams
-    if isinstance(key, int):
-        return jax.random.PRNGKey(key)
-    return key
-
-
-def _validate_number(name: str, value, lo: float, hi: float, lo_open=False, hi_open=False):
-    if callable(value) or value is None:
-        return
-    value = concrete(value)
-    if value is None:
-        return  # traced values (inject_hyperparams inside jit) cannot be validated
-    bad = value < lo or value > hi or (lo_open and value == lo) or (hi_open and value == hi)
-    if bad or value != value:
-        lb = "(" if lo_open else "["
-        rb = ")" if hi_open else "]"
-        raise ValueError(f"`{name}` must be in {lb}{lo}, {hi}{rb}; got {value!r}.")
 
 
 def _concat(leaves: list[Array]) -> Array:
@@ -246,19 +203,19 @@ def scale_by_psgd(
     Newton-type on the pair (vector, Hvp) instead of whitening; `update_preconditioner`
     (a bool scalar) overrides the refit schedule.
     """
-    _validate_number("b1", b1, 0.0, 1.0, hi_open=True)
-    _validate_number("preconditioner_lr", preconditioner_lr, 0.0, float("inf"), lo_open=True)
-    _validate_number(
+    check_number("b1", b1, 0.0, 1.0, hi_open=True)
+    check_number("preconditioner_lr", preconditioner_lr, 0.0, float("inf"), lo_open=True)
+    check_number(
         "preconditioner_update_probability",
         preconditioner_update_probability,
         0.0,
         1.0,
         lo_open=True,
     )
-    _validate_number("damping", damping, 0.0, float("inf"))
-    _validate_number("balance_probability", balance_probability, 0.0, 1.0)
+    check_number("damping", damping, 0.0, float("inf"))
+    check_number("balance_probability", balance_probability, 0.0, 1.0)
     if preconditioner_init_scale is not None:
-        _validate_number(
+        check_number(
             "preconditioner_init_scale",
             preconditioner_init_scale,
             0.0,
@@ -267,15 +224,14 @@ def scale_by_psgd(
             hi_open=True,
         )
     if grad_clip_max_amp is not None:
-        _validate_number("grad_clip_max_amp", grad_clip_max_amp, 0.0, float("inf"), lo_open=True)
+        check_number("grad_clip_max_amp", grad_clip_max_amp, 0.0, float("inf"), lo_open=True)
     if grad_clip_max_element is not None:
-        _validate_number(
+        check_number(
             "grad_clip_max_element", grad_clip_max_element, 0.0, float("inf"), lo_open=True
         )
     if not whiten_grad and concrete(b1) == 0:
         raise ValueError("`whiten_grad=False` (fit on the momentum) needs `b1 > 0`; got b1=0.")
-    if not isinstance(key, int) and not hasattr(key, "dtype"):
-        raise ValueError(f"`key` must be a PRNG key or an int seed; got {key!r}.")
+    check_key(key)
     norm_args = [concrete(x) for x in (lipschitz_beta, norm_bound_k, norm_bound_iters)]
     if all(x is not None for x in norm_args):
         Normaliser(float(norm_args[0]), norm_bound, int(norm_args[1]), int(norm_args[2]))
@@ -341,7 +297,7 @@ def scale_by_psgd(
         return PSGDState(
             # () when nothing is global: the state's static metadata then does not depend
             # on the number of leaves (optax.tree.map_params inits on a leafless tree).
-            count, _as_key(key), mu, precond, acc, refits, gq, fit_accum, normaliser,
+            count, as_key(key), mu, precond, acc, refits, gq, fit_accum, normaliser,
             tuple(mask) if any(mask) else (),
         )
 

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PRNGKeyArray, Shaped
 
 from .._norms import Normaliser
-from .._plan import affine_dense_sides, matrix_view, squeezed_shape
+from .._shapes import affine_dense_sides, matrix_view, squeezed_shape
 from .base import AbstractPrecond, check_fit_pair, check_shape
 from .kron import KronQ
 

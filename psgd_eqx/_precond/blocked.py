@@ -1,4 +1,3 @@
-import itertools
 import math
 from collections.abc import Callable
 
@@ -8,55 +7,15 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PRNGKeyArray, Shaped
 
 from .._norms import Normaliser
-from .._plan import block_pieces, squeezed_shape
+from .._shapes import (
+    Pieces,
+    block_groups,
+    block_pieces,
+    from_blocks,
+    squeezed_shape,
+    to_blocks,
+)
 from .base import AbstractPrecond, batched_update, check_fit_pair, check_shape
-
-
-# One axis cut into blocks: ((count, size), ...) with at most two sizes, largest first.
-Pieces = tuple[tuple[int, int], ...]
-
-
-def _groups(pieces: tuple[Pieces, ...]) -> list[tuple[int, ...]]:
-    """Every combination of one piece per axis: the block shapes that occur."""
-    return list(itertools.product(*(range(len(p)) for p in pieces)))
-
-
-def _region(pieces: tuple[Pieces, ...], group: tuple[int, ...]) -> tuple[slice, ...]:
-    """The contiguous slice of the tensor tiled by the blocks of `group`."""
-    out = []
-    for axis_pieces, j in zip(pieces, group):
-        start = sum(c * s for c, s in axis_pieces[:j])
-        c, s = axis_pieces[j]
-        out.append(slice(start, start + c * s))
-    return tuple(out)
-
-
-def to_blocks(x: Array, pieces: tuple[Pieces, ...]) -> list[Array]:
-    """Cut `x` (shape = the blocked axes) into one `(count, *block_shape)` stack per group."""
-    k = x.ndim
-    out = []
-    for group in _groups(pieces):
-        counts = [pieces[i][j][0] for i, j in enumerate(group)]
-        sizes = [pieces[i][j][1] for i, j in enumerate(group)]
-        r = x[_region(pieces, group)]
-        r = r.reshape([n for cs in zip(counts, sizes) for n in cs])
-        r = r.transpose([2 * i for i in range(k)] + [2 * i + 1 for i in range(k)])
-        out.append(r.reshape(math.prod(counts), *sizes))
-    return out
-
-
-def from_blocks(blocks: list[Array], pieces: tuple[Pieces, ...], dtype) -> Array:
-    """The inverse of `to_blocks`."""
-    shape = tuple(sum(c * s for c, s in p) for p in pieces)
-    k = len(shape)
-    x = jnp.zeros(shape, dtype)
-    for b, group in zip(blocks, _groups(pieces)):
-        counts = [pieces[i][j][0] for i, j in enumerate(group)]
-        sizes = [pieces[i][j][1] for i, j in enumerate(group)]
-        r = b.reshape(*counts, *sizes)
-        r = r.transpose([i for pair in zip(range(k), range(k, 2 * k)) for i in pair])
-        x = x.at[_region(pieces, group)].set(r.reshape([c * s for c, s in zip(counts, sizes)]))
-    return x
 
 
 class BlockedQ(AbstractPrecond):
@@ -86,9 +45,9 @@ class BlockedQ(AbstractPrecond):
             sum(c * s for c, s in p) != n for p, n in zip(self.pieces, self.axes)
         ):
             raise ValueError(f"`BlockedQ`: pieces {self.pieces} do not tile axes {self.axes}.")
-        if len(self.groups) != len(_groups(self.pieces)):
+        if len(self.groups) != len(block_groups(self.pieces)):
             raise ValueError(
-                f"`BlockedQ` needs one group per block shape ({len(_groups(self.pieces))}); "
+                f"`BlockedQ` needs one group per block shape ({len(block_groups(self.pieces))}); "
                 f"got {len(self.groups)}."
             )
 
@@ -125,7 +84,7 @@ class BlockedQ(AbstractPrecond):
             ((1, n),) if b is None else block_pieces(n, b) for n, b in zip(axes, block_size)
         )
         groups = []
-        for group in _groups(pieces):
+        for group in block_groups(pieces):
             count = math.prod(pieces[i][j][0] for i, j in enumerate(group))
             one = make(tuple(pieces[i][j][1] for i, j in enumerate(group)))
             groups.append(jax.tree.map(lambda x: jnp.broadcast_to(x, (count, *x.shape)), one))
@@ -139,7 +98,7 @@ class BlockedQ(AbstractPrecond):
     def num_blocks(self) -> int:
         """The number of blocks."""
         return sum(math.prod(self.pieces[i][j][0] for i, j in enumerate(g))
-                   for g in _groups(self.pieces))
+                   for g in block_groups(self.pieces))
 
     def apply(self, g: Shaped[Array, "..."]) -> Shaped[Array, "..."]:
         """P·g, block by block.

@@ -20,7 +20,7 @@ from .._geometry import (
 from .._norms import Normaliser
 from .._numerics import abs2, compute_dtype, promote, real_dtype
 from .._ops import check_use_kernels, solve_upper_h
-from .._plan import squeezed_shape
+from .._shapes import squeezed_shape
 from .base import AbstractPrecond, check_fit_pair, keep_if_finite
 
 
