@@ -1,6 +1,8 @@
 """PSGD for JAX: Lie-group preconditioners as Equinox modules behind optax optimizers."""
 
-import importlib.metadata
+import importlib as _importlib
+import importlib.metadata as _metadata
+import warnings as _warnings
 
 from ._alias import (
     affine as affine,
@@ -15,17 +17,7 @@ from ._alias import (
 )
 from ._geometry import GEOMETRIES as GEOMETRIES
 from ._norms import Normaliser as Normaliser
-from ._numerics import (
-    init_scale_from_grads as init_scale_from_grads,
-    init_scale_from_hvp as init_scale_from_hvp,
-)
-from ._plan import (
-    LeafPlan as LeafPlan,
-    dense_axes as dense_axes,
-    kron_plan as kron_plan,
-    plan_table as plan_table,
-    scanned_predicate as scanned_predicate,
-)
+from ._plan import LeafPlan as LeafPlan, kron_plan as kron_plan, plan_table as plan_table
 from ._precond import (
     LRAQ as LRAQ,
     AbstractPrecond as AbstractPrecond,
@@ -37,13 +29,8 @@ from ._precond import (
     StackedQ as StackedQ,
     XMatQ as XMatQ,
 )
-from ._probe import (
-    damped_probe as damped_probe,
-    finite_difference_delta as finite_difference_delta,
-    hessian_helper as hessian_helper,
-)
+from ._probe import hessian_helper as hessian_helper
 from ._schedules import precond_update_prob_schedule as precond_update_prob_schedule
-from ._shapes import block_pieces as block_pieces, matrix_view as matrix_view
 from ._sharding import (
     precond_partition_specs as precond_partition_specs,
     state_partition_specs as state_partition_specs,
@@ -51,4 +38,29 @@ from ._sharding import (
 from ._transform import GLOBAL as GLOBAL, PSGDState as PSGDState, scale_by_psgd as scale_by_psgd
 
 
-__version__ = importlib.metadata.version("psgd_eqx")
+__version__ = _metadata.version("psgd_eqx")
+
+# Internals that were top-level names before 0.2: still reachable (with a warning) so code
+# that imported them keeps running, but no longer part of the documented surface.
+_MOVED = {
+    "block_pieces": "psgd_eqx._shapes",
+    "matrix_view": "psgd_eqx._shapes",
+    "dense_axes": "psgd_eqx._plan",
+    "scanned_predicate": "psgd_eqx._plan",
+    "damped_probe": "psgd_eqx._probe",
+    "finite_difference_delta": "psgd_eqx._probe",
+    "init_scale_from_grads": "psgd_eqx._numerics",
+    "init_scale_from_hvp": "psgd_eqx._numerics",
+}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        _warnings.warn(
+            f"`psgd_eqx.{name}` is an internal helper and no longer a public name; import it "
+            f"from `{_MOVED[name]}` if you need it (it may change without notice).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(_importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'psgd_eqx' has no attribute {name!r}")

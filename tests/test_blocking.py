@@ -11,8 +11,8 @@ import optax
 import pytest
 
 import psgd_eqx
-from psgd_eqx import BlockedQ, KronQ, block_pieces, kron_plan
-from psgd_eqx._precond.blocked import from_blocks, to_blocks
+from psgd_eqx import BlockedQ, KronQ, kron_plan
+from psgd_eqx._shapes import block_pieces, from_blocks, to_blocks
 
 
 def _entries(q) -> int:

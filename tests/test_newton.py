@@ -11,6 +11,7 @@ from jax.flatten_util import ravel_pytree
 
 import psgd_eqx as pe
 from psgd_eqx import PSGDState
+from psgd_eqx._probe import finite_difference_delta
 
 from .helpers import spd
 
@@ -104,8 +105,8 @@ def test_finite_difference_hvp_close_to_exact():
     _, _, hvp, vector, _ = pe.hessian_helper(key, _quadratic, x, (_A,),
                                              hvp_method="finite_difference", fd_delta=1e-2)
     assert _rel(hvp, _A @ vector) < 1e-4
-    assert pe.finite_difference_delta(x) == pytest.approx(float(jnp.finfo(jnp.float32).eps) ** 0.5)
-    assert pe.finite_difference_delta({"a": x, "b": x.astype(jnp.bfloat16)}) == pytest.approx(
+    assert finite_difference_delta(x) == pytest.approx(float(jnp.finfo(jnp.float32).eps) ** 0.5)
+    assert finite_difference_delta({"a": x, "b": x.astype(jnp.bfloat16)}) == pytest.approx(
         float(jnp.finfo(jnp.bfloat16).eps) ** 0.5)
 
 

@@ -17,6 +17,7 @@ import pytest
 
 import psgd_eqx
 from psgd_eqx import KronQ, PSGDState
+from psgd_eqx._numerics import init_scale_from_grads
 
 from .helpers import spd, tree_finite
 
@@ -184,7 +185,7 @@ def test_zero_gradient_at_first_step():
     prob = _problem(2)
     p0 = _params0()
     zeros = jax.tree.map(jnp.zeros_like, p0)
-    assert float(psgd_eqx.init_scale_from_grads(zeros)) == 1.0
+    assert float(init_scale_from_grads(zeros)) == 1.0
     params, state, updates = apply(p0, opt.init(p0), zeros)
     assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
     st = _psgd_state(state)

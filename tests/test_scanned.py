@@ -11,6 +11,7 @@ import pytest
 
 import psgd_eqx as pe
 from psgd_eqx import LRAQ, KronQ, StackedQ
+from psgd_eqx._plan import scanned_predicate
 
 
 @pytest.mark.parametrize("batch", [None, 2])
@@ -112,9 +113,9 @@ def test_kron_scanned_layers_equinox_stack():
 
 def test_scanned_predicate_forms():
     params = {"blocks": {"w": jnp.ones((3, 4, 4))}, "head": jnp.ones((4, 2))}
-    tree = pe.scanned_predicate({"blocks": {"w": True}, "head": False})
-    fn = pe.scanned_predicate(lambda path, leaf: leaf.ndim == 3)
-    none = pe.scanned_predicate(None)
+    tree = scanned_predicate({"blocks": {"w": True}, "head": False})
+    fn = scanned_predicate(lambda path, leaf: leaf.ndim == 3)
+    none = scanned_predicate(None)
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         want = leaf.ndim == 3
         assert tree(path, leaf) == want and fn(path, leaf) == want and not none(path, leaf)
