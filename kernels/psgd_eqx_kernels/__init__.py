@@ -1,4 +1,4 @@
-"""Pallas kernels for the hot paths of `psgd_eqx`: the Kronecker apply and fused factor updates.
+"""Pallas kernels for ops of `psgd_eqx`: the Kronecker apply and two fused factor updates.
 
 Each op `<op>` comes with `<op>_reference`, a pure-jnp function that defines its semantics
 (and supplies its derivative: every op is a `jax.custom_jvp` whose tangent is the
@@ -6,11 +6,16 @@ reference's, since Pallas kernels cannot be differentiated). The kernels take
 `backend="gpu"` (Pallas Triton) or `backend="tpu"` (Mosaic TPU) and
 `interpret=False | True | pltpu.InterpretParams()`; on CPU only the interpreted modes run.
 
-- [`kron_apply`][psgd_eqx_kernels.kron_apply]: P·G = (Q_lᵀQ_l) G (Q_rᵀQ_r)ᵀ, dense or
-    diagonal factors per side, optionally cached P or triangular Q.
-- [`eq_factor_update`][psgd_eqx_kernels.eq_factor_update]: Q − η triu(T₁ − T₂) Q.
+- [`eq_factor_update`][psgd_eqx_kernels.eq_factor_update]: Q − η triu(T₁ − T₂) Q. The
+    only op that `psgd_eqx`'s optimizers dispatch: the dense factors of a `KronQ` with
+    geometry `"EQ"`, as `use_kernels` and the platform allow (see
+    [`should_use_kernel`][psgd_eqx_kernels.should_use_kernel]).
 - [`pro_factor_update`][psgd_eqx_kernels.pro_factor_update]: Q − η(TQ − cQ), then one
-    Procrustes step.
+    Procrustes step. Not dispatched by `psgd_eqx`'s optimizers (slower than XLA on an
+    H100); callable directly.
+- [`kron_apply`][psgd_eqx_kernels.kron_apply]: P·G = (Q_lᵀQ_l) G (Q_rᵀQ_r)ᵀ, dense or
+    diagonal factors per side, optionally cached P or triangular Q. Not dispatched by
+    `psgd_eqx`'s optimizers (slower than XLA on an H100); callable directly.
 
 [`should_use_kernel`][psgd_eqx_kernels.should_use_kernel] says, from measurements, when a
 kernel beats its reference.

@@ -7,6 +7,11 @@ Pallas launch does the product and the axpy per output tile, never loading the
 blocks that are zero because both triu(E) and Q are upper triangular (about a sixth of the
 flops of the dense product at large n), and writes the upper triangle only.
 
+The one op `psgd_eqx`'s optimizers dispatch: `psgd_eqx._ops.eq_triangular_step` calls it
+for the dense factors of a `KronQ` with geometry `"EQ"` (on GPU for n ≥ 2048 under
+`use_kernels="auto"`, on GPU/TPU for every n under `True`, in the interpreter under
+`"interpret"`).
+
 Layout: the pure-jnp `eq_factor_update_reference`, the jitted Pallas wrapper, the
 `custom_jvp` with the reference's tangent, and the public function.
 """

@@ -4,6 +4,9 @@ The matrix case of `KronQ.apply` (its einsum `"cb,ca,fe,fd,ad->be"`, real dtypes
 a dense factor Q (applied as QᵀQ, two products, or as a cached P = QᵀQ, one product), a
 diagonal factor q (applied as |q|², fused into the last product's epilogue) or nothing.
 
+Not dispatched by `psgd_eqx`'s optimizers yet (`KronQ.apply` always runs its jnp einsum:
+on an H100 this kernel was slower than XLA, see `should_use_kernel`); callable directly.
+
 Layout of this file: block-size helpers, the pure-jnp `kron_apply_reference`, the Pallas
 path (a chain of `_matmul.product` launches, one per dense product), the jitted wrapper and
 the `custom_jvp` whose tangent is the reference's.
@@ -232,6 +235,9 @@ def kron_apply(
     The matrix case of `KronQ.apply` as one Pallas launch per dense product (four with two
     dense factors, two with `cached=True`); diagonal factors are fused into the last
     launch's epilogue, or run as one elementwise kernel when no side is dense.
+
+    Not dispatched by `psgd_eqx`'s optimizers yet (on an H100 it was slower than XLA);
+    callable directly.
 
     **Arguments:**
 

@@ -14,6 +14,10 @@ the final combination fused; the norm bound of R and the two traces (O(n²), the
 tile) are jnp between the launches. With σ = 1/(‖R‖ + tiny) and α = aσ the last step is
 Q₁ + α RQ₁ + α²/2 R²Q₁, so R is never rescaled.
 
+Not dispatched by `psgd_eqx`'s optimizers yet (the `PRO` geometry always runs its jnp
+step: on an H100 this kernel was slower than XLA, see `should_use_kernel`); callable
+directly.
+
 Layout: the norm bound, the pure-jnp `pro_factor_update_reference`, the jitted Pallas
 wrapper, the `custom_jvp` with the reference's tangent, and the public function.
 """
@@ -213,7 +217,8 @@ def pro_factor_update(
     """One `PRO` step of (a stack of) dense factors: Q − η(TQ − cQ), then one Procrustes step.
 
     Exactly `psgd_eqx._geometry.dense_step("PRO", q, t, c, eta, key, normaliser)` when
-    `norm_bound=normaliser.norm_lower_bound`.
+    `norm_bound=normaliser.norm_lower_bound`. Not dispatched by `psgd_eqx`'s optimizers
+    yet (on an H100 it was slower than XLA); callable directly.
 
     **Arguments:**
 
