@@ -10,6 +10,7 @@ columns sit on that floor; `--subtract-loop` subtracts it.
     python benchmarks/kernels.py                  # GPU: every op, n 128..4096, stacks 1, 8, 32
     python benchmarks/kernels.py --ops eq --n 512,1024 --batch 8
     python benchmarks/kernels.py --interpret      # CPU smoke test (interpreted kernels)
+    python benchmarks/kernels.py --step 512,1024 --step-geometry EQ   # whole kron steps
 
 Ops: `eq` (eq_factor_update), `eq_fused` (the same with `fuse_difference=True`: one launch),
 `pro` (pro_factor_update), `kron` (kron_apply, two dense
@@ -205,6 +206,9 @@ def _step_experiment(args, ds):
 
     Times `opt.update` + `apply_updates` under one jit, state and params donated, blocked
     on every step (median of `--reps` × 10 steps); `optax.adam` on the same tree for scale.
+    `kron` dispatches only the fused `EQ` factor update, so `use_kernels` changes nothing
+    for any other `--step-geometry`, and under `"auto"` only factors with n ≥ 2048 (from
+    `d_model` 512, the 4·d axis of the MLP weights) get the kernel.
     """
     import optax
 

@@ -1,4 +1,4 @@
-"""The cross-anchor ill-conditioned quadratic (anchors.md §5.6 / Appendix A.2).
+"""An ill-conditioned quadratic with Kronecker-structured curvature: psgd_eqx, psgdax, Adam.
 
 W ∈ R^{64×32}, b ∈ R^{32}; loss = 0.5·mean((A(W − W*)B)²) + 0.5·mean((b − 1)²) with A, B
 random SPD, cond(AᵀA) = cond(BBᵀ) = 1e3 (a Kronecker-structured Hessian of cond ≈ 1e6 on W);
@@ -212,7 +212,7 @@ def main(argv=None):
     lrs = LR_QUICK if args.quick else LR_GRID
     ablate = (not args.quick) if args.ablate is None else args.ablate
 
-    print("# kron_quadratic.py (anchors.md §5.6 / A.2)")
+    print("# kron_quadratic.py (ill-conditioned Kronecker-structured quadratic)")
     dev = jax.devices()[0]
     print(
         f"jax {jax.__version__}, optax {optax.__version__}, "
