@@ -396,13 +396,59 @@ def test_argument_validation():
 
 
 def test_should_use_kernel():
-    assert K.should_use_kernel("eq_factor_update", 4096, 32)
+    # The documented measurement (kron's `use_kernels`): on GPU only the EQ factor update
+    # beats XLA, for n >= 2048 with one factor.
+    assert K.should_use_kernel("eq_factor_update", 2048, 1)
+    assert K.should_use_kernel("eq_factor_update", 4096, 1)
+    assert not K.should_use_kernel("eq_factor_update", 2047, 1)
     assert not K.should_use_kernel("eq_factor_update", 128, 1)
+    assert K.should_use_kernel("eq_factor_update", 4096, 32)
     assert not K.should_use_kernel("pro_factor_update", 4096, 32)
-    for op in K.KERNEL_MIN_N:
-        assert K.should_use_kernel(op, 4096, 8, backend="tpu") is False
-        assert isinstance(K.should_use_kernel(op, 512, 8), bool)
-        assert isinstance(K.should_use_kernel(op, 512, 64), bool)
+    assert not K.should_use_kernel("kron_apply", 1 << 16, 1)
+    assert set(K.KERNEL_MIN_N) == {"eq_factor_update", "pro_factor_update", "kron_apply"}
+
+
+@pytest.mark.parametrize("op", sorted(K.KERNEL_MIN_N))
+def test_should_use_kernel_follows_the_measured_thresholds(op):
+    table = K.KERNEL_MIN_N[op]
+    assert table and all(isinstance(b, int) and b >= 1 for b in table)
+    for batch, threshold in sorted(table.items()):
+        if threshold is None:  # never measured faster: always the reference
+            for n in (1, 128, 4096, 1 << 20):
+                assert K.should_use_kernel(op, n, batch) is False, (op, n, batch)
+            continue
+        assert K.should_use_kernel(op, threshold, batch) is True
+        assert K.should_use_kernel(op, 2 * threshold, batch) is True
+        assert K.should_use_kernel(op, threshold - 1, batch) is False
+        assert K.should_use_kernel(op, threshold // 2, batch) is False
+        # TPU is not measured: never, whatever the size
+        assert K.should_use_kernel(op, 2 * threshold, batch, backend="tpu") is False
+
+
+def test_should_use_kernel_uses_the_nearest_measured_stack_at_or_below():
+    table = K.KERNEL_MIN_N["eq_factor_update"]
+    sizes = sorted(table)
+    assert len(sizes) >= 2 and len({table[b] for b in sizes}) >= 2  # distinct thresholds
+    for lo, hi in zip(sizes, sizes[1:] + [10 * sizes[-1]]):
+        for batch in (lo, (lo + hi) // 2, hi - 1):
+            if batch < lo:
+                continue
+            t = table[lo]
+            assert K.should_use_kernel("eq_factor_update", t, batch) is True, (batch, t)
+            assert K.should_use_kernel("eq_factor_update", t - 1, batch) is False, (batch, t)
+    # a batch of 0 reads as 1 (one unbatched factor)
+    t1 = table[min(sizes)]
+    assert K.should_use_kernel("eq_factor_update", t1, 0) is True
+    assert K.should_use_kernel("eq_factor_update", t1 - 1, 0) is False
+
+
+def test_should_use_kernel_rejects_unknown_ops_and_backends():
+    for op in ("matmul", "eq", "", "EQ_FACTOR_UPDATE"):
+        with pytest.raises(ValueError, match="`op` must be one of"):
+            K.should_use_kernel(op, 4096, 1)
+    for backend in ("cuda", "cpu", "GPU"):
+        with pytest.raises(ValueError, match="`backend`"):
+            K.should_use_kernel("eq_factor_update", 4096, 1, backend=backend)
 
 
 def test_default_block_sizes_are_valid():

@@ -38,9 +38,51 @@ def test_interpreted_kernels_match_reference_end_to_end():
     _assert_close(_run("interpret"), _run(False), 1e-5)
 
 
+def _eq_step_inputs(n):
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(7), 3)
+    q = jnp.triu(jax.random.normal(k1, (n, n))) / n + jnp.eye(n)
+    a, b = jax.random.normal(k2, (n, n)), jax.random.normal(k3, (n, n))
+    return q, a @ a.T / n, b @ b.T / n, jnp.asarray(0.13, jnp.float32)
+
+
+def _triton_calls(use_kernels, n, platform):
+    from psgd_eqx._ops import eq_triangular_step
+
+    q, t1, t2 = (jax.ShapeDtypeStruct((n, n), jnp.float32) for _ in range(3))
+    eta = jax.ShapeDtypeStruct((), jnp.float32)
+    fn = jax.jit(lambda q, t1, t2, eta: eq_triangular_step(q, (t1, t2), eta, use_kernels))
+    text = fn.trace(q, t1, t2, eta).lower(lowering_platforms=(platform,)).as_text()
+    return text.count("xla.gpu.triton")
+
+
 def test_platform_dispatch_lowers_on_cpu():
-    # True dispatches through lax.platform_dependent: on CPU the reference branch runs
-    _assert_close(_run(True), _run(False), 1e-6)
+    from psgd_eqx._ops import eq_triangular_step
+
+    # The op against an independent f64 NumPy computation of Q - eta*triu(T1 - T2)*Q:
+    # True (platform dispatch: the reference branch on CPU), "interpret" (the Pallas
+    # kernel, interpreted) and False (the reference) must all give it.
+    q, t1, t2, eta = _eq_step_inputs(40)
+    q64, t164, t264 = (np.asarray(x, np.float64) for x in (q, t1, t2))
+    want = q64 - 0.13 * (np.triu(t164 - t264) @ q64)
+    assert np.max(np.abs(want - q64)) > 1e-2  # a real step, not the identity
+    with jax.default_matmul_precision("highest"):
+        for use_kernels in (True, "interpret", False):
+            got = jax.jit(lambda *a, u=use_kernels: eq_triangular_step(a[0], a[1:3], a[3], u))(
+                q, t1, t2, eta)
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=str(use_kernels))
+
+    # Which branch each setting lowers to: the Triton kernel only for a CUDA lowering, and
+    # under "auto" only from the measured size (psgd_eqx_kernels.should_use_kernel).
+    assert _triton_calls(True, 40, "cpu") == 0
+    assert _triton_calls(True, 40, "cuda") == 1
+    assert _triton_calls(False, 40, "cuda") == 0
+    assert _triton_calls("auto", 40, "cuda") == 0
+    assert _triton_calls("auto", 2048, "cuda") == 1
+    assert _triton_calls("auto", 2048, "cpu") == 0
+
+    # End to end: True compiles and runs on CPU (its reference branch) and matches the
+    # interpreted kernel path.
+    _assert_close(_run(True), _run("interpret"), 1e-5)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
