@@ -391,8 +391,20 @@ def test_legacy_bad_values_raise(alias, kwargs, match):
 
 
 def test_legacy_defaults_accepted():
+    # psgd_jax's settings at their defaults are accepted and change nothing: the same
+    # initial state and the same traced update as without them.
+    grads = jax.tree.map(lambda x: 0.5 * x, _SMALL)
     for alias in (pe.xmat, pe.lra, pe.affine, pe.dense):
-        alias(0.01, step_normalizer_order="2nd", nesterov=False, precision="tensorfloat32")
+        legacy = alias(0.01, step_normalizer_order="2nd", nesterov=False,
+                       precision="tensorfloat32")
+        plain = alias(0.01)
+        s_legacy, s_plain = legacy.init(_SMALL), plain.init(_SMALL)
+        assert jax.tree.leaves(s_plain)
+        assert eqx.tree_equal(s_legacy, s_plain), alias.__name__
+        j_legacy = jax.make_jaxpr(legacy.update)(grads, s_legacy, _SMALL)
+        j_plain = jax.make_jaxpr(plain.update)(grads, s_plain, _SMALL)
+        assert len(j_plain.eqns) > 10
+        assert str(j_legacy) == str(j_plain), alias.__name__
 
 
 def test_bad_structure_results_raise():
