@@ -1,10 +1,23 @@
 """Lie-group geometries: the one place where a factor update rule is written down.
 
 A fit step of every structure reduces, per factor, to a pair of Hermitian statistics
-(T₁, T₂) whose balance `T₁ = T₂` is the fixed point (anchors.md §2.1):
+(T₁, T₂) whose balance `T₁ = T₂` is the fixed point of the preconditioner fit:
 
 - whitening with v integrated out: T₁ = Contract(Pg, Pg), T₂ = c·I with c = N/n;
 - Newton or whitening with an explicit v: T₂ = Contract(v, v) (or its geometry variant).
+
+Which vectors are contracted is the geometry's choice too, and is written down once here,
+in [`fit_statistics`][psgd_eqx._geometry.fit_statistics]:
+
+| geometry | T₁ contracts | T₂ contracts | T₂ with v integrated out |
+|---|---|---|---|
+| `EQ` | Q·h | Q⁻ᴴ·v | — (v is needed) |
+| `QEP` | Qᵢ·(P·h) | Qᵢ·v | c·QᵢQᵢᴴ |
+| the others | P·h | v | c·I |
+
+A structure supplies only its primitives (products with its factors, the solves with Qᵢᴴ,
+P·x, its Contract and its c) as an
+[`AbstractContractions`][psgd_eqx._geometry.AbstractContractions].
 
 Given (T₁, T₂) the *geometry* says how Q moves along the group. With E = T₁ − T₂ and the
 normalised step η = μ/L:
@@ -20,13 +33,13 @@ normalised step η = μ/L:
 | `QUAD4P` (the factor *is* P) | p = P − η E P; p − η p E; (p + pᴴ)/2 | p (1 − η E)² |
 
 A Kron factor, a `DenseQ` matrix, the 2×2 blocks of an `XMatQ`, a diagonal `DiagQ` and the
-diagonal of an `LRAQ` all call these functions; the structures only differ in how they
-compute T₁ and T₂ (their contractions). A statistic is a matrix, a scalar c meaning c·I, or
-an [`Outer`][psgd_eqx._geometry.Outer] V Vᴴ of a few vectors (the rank-1 statistics of a
+diagonal of an `LRAQ` all call these functions; the structures only differ in their
+primitives. A statistic is a matrix, a vector (a diagonal factor), a scalar c meaning c·I,
+or an [`Outer`][psgd_eqx._geometry.Outer] V Vᴴ of a few vectors (the rank-1 statistics of a
 global dense Q, which are never formed as n×n matrices).
 """
 
-from typing import Literal
+import abc
 
 import equinox as eqx
 import jax
@@ -38,7 +51,6 @@ from ._numerics import promote, real_dtype
 from ._ops import eq_triangular_step
 
 
-Geometry = Literal["EQ", "QEQ", "QEP", "PRO", "QUAD", "PRO4P", "QUAD4P"]
 GEOMETRIES: tuple[str, ...] = ("EQ", "QEQ", "QEP", "PRO", "QUAD", "PRO4P", "QUAD4P")
 _ALIASES = {"Q0.5EQ1.5": "PRO", "Q0p5EQ1p5": "PRO"}
 
@@ -114,11 +126,6 @@ class GeometrySpec(eqx.Module):
     name: str = eqx.field(static=True)
 
     @property
-    def triangular(self) -> bool:
-        """Dense factors live in the upper-triangular group (EQ)."""
-        return self.name == "EQ"
-
-    @property
     def needs_v(self) -> bool:
         """The statistics need the probe v explicitly (EQ: T₂ = Contract(Q⁻ᴴv, Q⁻ᴴv)); the
         other geometries integrate v out for whitening (T₂ = c·I)."""
@@ -145,6 +152,105 @@ class GeometrySpec(eqx.Module):
     def balance_every_update(self) -> bool:
         """QEP's normaliser is not invariant to factor scaling, so it balances every update."""
         return self.name == "QEP"
+
+
+# A statistic: a matrix, a vector (diagonal factor), a scalar c meaning c·I, or an `Outer`.
+Statistic = Array | Outer
+
+
+class AbstractContractions(eqx.Module):
+    """The primitives of one structure from which [`fit_statistics`][] forms (T₁, T₂).
+
+    The structure is seen as Q = Q₁ ⊗ … ⊗ Q_k: factor i acts along one axis of the
+    (reshaped) parameter, and k = 1 for a `DenseQ`, a `DiagQ` or one 2×2 block of an
+    `XMatQ`. Every array is in the compute dtype; a final subclass holds the factors it
+    needs (and its cache), and nothing in it depends on the geometry except how P·x is
+    formed for the stored-P geometries.
+    """
+
+    num_factors: eqx.AbstractVar[int]
+
+    @abc.abstractmethod
+    def p_times(self, x: Array) -> Array:
+        """P·x (with the structure's cache, or its stored P, where it has one)."""
+
+    @abc.abstractmethod
+    def factor_times(self, i: int, x: Array) -> Array:
+        """Qᵢ applied to x along factor i's axis (a mode product, or a scale)."""
+
+    @abc.abstractmethod
+    def factor_inv_h_times(self, i: int, x: Array) -> Array:
+        """Qᵢ⁻ᴴ applied to x along factor i's axis (a triangular or closed-form solve)."""
+
+    @abc.abstractmethod
+    def contract(self, i: int, x: Array) -> Statistic:
+        """Contractᵢ(x, x): x xᴴ summed over every axis but factor i's (a matrix or an
+        `Outer` for a dense factor, the real vector Σ|x|² for a diagonal one)."""
+
+    @abc.abstractmethod
+    def factor_gram(self, i: int) -> Array:
+        """QᵢQᵢᴴ (the vector |qᵢ|² for a diagonal factor)."""
+
+    @abc.abstractmethod
+    def whitening_scale(self, i: int) -> Float[Array, ""]:
+        """c = N/nᵢ, the integrated-out E[v vᴴ] contracted over the other axes (real)."""
+
+
+def fit_statistics(
+    geometry: str, ops: AbstractContractions, h: Array, v: Array | None
+) -> tuple[tuple[Statistic, Statistic], ...]:
+    """The statistics (T₁, T₂) of every factor of a structure for one fit pair.
+
+    See the module table: `EQ` contracts a = Q·h and b = Q⁻ᴴ·v (its triangular group
+    needs b, so it has no integrated-out form); `QEP` contracts Qᵢ·(P·h) and Qᵢ·v; the
+    other geometries P·h and v. With `v = None` T₂ is integrated out.
+
+    **Arguments:**
+
+    - `geometry`: canonical geometry name.
+    - `ops`: the structure's primitives, holding its factors in the compute dtype.
+    - `h`: the damped gradient or Hessian-vector product, in the compute dtype and the
+        shape the factors act on.
+    - `v`: the probe likewise, or `None` for whitening with v integrated out.
+
+    **Returns:** one `(T₁, T₂)` per factor.
+    """
+    spec = GeometrySpec(geometry)
+    if v is None and spec.needs_v:
+        raise ValueError(f"geometry {geometry!r} needs the probe `v` explicitly.")
+    factors = range(ops.num_factors)
+    if spec.name == "EQ":
+        a = _through_factors(ops.factor_times, ops.num_factors, h)
+        b = _through_factors(ops.factor_inv_h_times, ops.num_factors, v)
+        return tuple((ops.contract(i, a), ops.contract(i, b)) for i in factors)
+    pg = ops.p_times(h)
+    stats = []
+    for i in factors:
+        y = ops.factor_times(i, pg) if spec.stats_carry_q else pg
+        stats.append((ops.contract(i, y), _second_statistic(spec, ops, i, v)))
+    return tuple(stats)
+
+
+def _through_factors(times, count: int, x: Array) -> Array:
+    """x with every factor's operator `times(i, ·)` applied along its axis, in order."""
+    for i in range(count):
+        x = times(i, x)
+    return x
+
+
+def _second_statistic(
+    spec: GeometrySpec, ops: AbstractContractions, i: int, v: Array | None
+) -> Statistic:
+    """T₂ of factor i for the P·h geometries: Contract of v (QEP: of Qᵢ·v), or with v
+    integrated out E[v vᴴ] = I contracted to c·I (QEP: Qᵢ (c·I) Qᵢᴴ = c·QᵢQᵢᴴ)."""
+    if v is not None:
+        return ops.contract(i, ops.factor_times(i, v) if spec.stats_carry_q else v)
+    c = ops.whitening_scale(i)
+    if not spec.stats_carry_q:
+        return c
+    gram = ops.factor_gram(i)
+    # c is real; cast it so a complex QQᴴ passes strict dtype promotion (exact: c + 0i).
+    return c.astype(gram.dtype) * gram
 
 
 def _identity_like(n: int, dtype) -> Array:
@@ -359,6 +465,45 @@ def diag_step(geometry: str, q: Array, t1: Array, t2: Array, eta: Float[Array, "
         return q * (gain * gain).astype(q.dtype)
     # EQ, QEQ, QEP, PRO and PRO4P coincide on diagonal matrices (they commute).
     return q - (eta * e).astype(q.dtype) * q
+
+
+def fit_factor(
+    geometry: str,
+    q: Array,
+    t1: Statistic,
+    t2: Statistic,
+    old_l: Float[Array, ""],
+    lr: ArrayLike,
+    key: PRNGKeyArray,
+    normaliser: Normaliser,
+    *,
+    dense: bool,
+    use_kernels: bool | str = False,
+) -> tuple[Array, Float[Array, ""]]:
+    """One factor's normalised step: its norm bound ℓ, the new Lipschitz estimate L, and
+    the geometry's move with η = μ/L.
+
+    **Arguments:**
+
+    - `geometry`: canonical geometry name.
+    - `q`: the factor (a matrix if `dense`, else a vector), in the compute dtype.
+    - `t1`, `t2`: its statistics from [`fit_statistics`][].
+    - `old_l`: its previous Lipschitz estimate (sets the dtype of the new one).
+    - `lr`: the preconditioner learning rate μ.
+    - `key`: randomness for the norm bound and the Procrustes steps.
+    - `normaliser`: the step-size normaliser.
+    - `dense`: a dense (or triangular) factor rather than a diagonal one.
+    - `use_kernels`: see [`dense_step`][].
+
+    **Returns:** `(new factor, new L)`.
+    """
+    k_ell, k_step = jax.random.split(key)
+    ell = dense_lipschitz(t1, t2, k_ell, normaliser) if dense else diag_lipschitz(t1, t2)
+    big_l, eta = normaliser.step(old_l, ell, lr)
+    if dense:
+        return dense_step(geometry, q, t1, t2, eta, k_step, normaliser,
+                          use_kernels=use_kernels), big_l
+    return diag_step(geometry, q, t1, t2, eta), big_l
 
 
 def balance_factors(factors: tuple[Array, ...]) -> tuple[Array, ...]:

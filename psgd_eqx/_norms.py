@@ -6,17 +6,12 @@ the fitting criterion. `ℓ` is a cheap lower bound of ‖T₁ + T₂‖₂ and 
 always kept in f32 (or f64 for f64 params), never in the (possibly bf16) storage dtype.
 """
 
-from typing import Literal
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._numerics import abs2, compute_dtype, real_dtype
-
-
-NormBound = Literal["subspace", "one_step"]
 
 
 def _row_norms(a: Array) -> Array:

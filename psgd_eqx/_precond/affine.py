@@ -1,14 +1,16 @@
+from typing import ClassVar
+
 import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PRNGKeyArray, Shaped
 
 from .._norms import Normaliser
 from .._shapes import affine_dense_sides, matrix_view, squeezed_shape
-from .base import AbstractPrecond, check_fit_pair, check_shape
+from .base import AbstractGeometryPrecond, check_shape
 from .kron import KronQ
 
 
-class AffineQ(AbstractPrecond):
+class AffineQ(AbstractGeometryPrecond):
     """Affine-group preconditioner: Q = Q_left ⊗ Q_right on the parameter seen as a matrix.
 
     The seed's `affine` (psgd_jax): scalars and vectors are a `(1, n)` row, matrices stay,
@@ -21,6 +23,8 @@ class AffineQ(AbstractPrecond):
     kron: KronQ
     shape: tuple[int, ...] = eqx.field(static=True)
     perm: tuple[int, ...] = eqx.field(static=True)
+    # The KronQ's own `update` skips a non-finite step (the same all-or-nothing guard).
+    _guards_finite: ClassVar[bool] = False
 
     def __check_init__(self):
         if len(self.kron.shape) != 2:
@@ -71,11 +75,8 @@ class AffineQ(AbstractPrecond):
 
     @property
     def geometry(self) -> str:
+        """The geometry of the underlying `KronQ`."""
         return self.kron.geometry
-
-    @property
-    def needs_v(self) -> bool:
-        return self.kron.needs_v
 
     def _to_matrix(self, x: Array) -> Array:
         return jnp.transpose(x, self.perm).reshape(self.kron.shape)
@@ -97,23 +98,17 @@ class AffineQ(AbstractPrecond):
         check_shape("AffineQ.apply", self.shape, g.shape)
         return self._from_matrix(self.kron.apply(self._to_matrix(g)))
 
-    def update(
+    def _fit(
         self,
         v: Shaped[Array, "..."] | None,
         h: Shaped[Array, "..."],
         *,
         lr: ArrayLike,
         key: PRNGKeyArray,
-        normaliser: Normaliser | None = None,
-        balance_probability: float | ArrayLike = 0.01,
+        normaliser: Normaliser,
+        balance_probability: float | ArrayLike,
     ) -> "AffineQ":
-        """One fitting step of both sides; see [`psgd_eqx.KronQ.update`][].
-
-        **Arguments:** as [`psgd_eqx.KronQ.update`][].
-
-        **Returns:** the updated `AffineQ`.
-        """
-        check_fit_pair("AffineQ.update", self.shape, v, h)
+        """The `KronQ`'s `update` on the matrix view of the pair."""
         vm = None if v is None else self._to_matrix(v)
         kron = self.kron.update(
             vm,

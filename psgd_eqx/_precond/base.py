@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PRNGKeyArray, Shaped
 
+from .._geometry import GeometrySpec
 from .._norms import Normaliser
 from .._numerics import all_finite
 
@@ -68,7 +69,16 @@ class AbstractPrecond(eqx.Module):
     dense, the geometry) is static. `apply` returns P·g; `update` returns a *new*
     preconditioner after one Lie-group fitting step on a pair (v, h). Both work under
     `jax.jit` and `jax.vmap` (one preconditioner per stacked layer).
+
+    `update` is written once here: it checks the fit pair and then calls the structure's
+    `_fit`. Whether it also skips non-finite steps is the class-level switch
+    `_guards_finite`: the composites (`StackedQ`, `BlockedQ`, `AffineQ`) leave it to the
+    `update` of their inner preconditioners, so a non-finite layer or block is skipped on
+    its own while the others still move.
     """
+
+    shape: eqx.AbstractVar[tuple[int, ...]]
+    _guards_finite: eqx.AbstractClassVar[bool]
 
     @abc.abstractmethod
     def apply(self, g: Shaped[Array, "..."]) -> Shaped[Array, "..."]:
@@ -81,7 +91,6 @@ class AbstractPrecond(eqx.Module):
         **Returns:** P·g, with the dtype of `g`.
         """
 
-    @abc.abstractmethod
     def update(
         self,
         v: Shaped[Array, "..."] | None,
@@ -94,19 +103,55 @@ class AbstractPrecond(eqx.Module):
     ) -> "AbstractPrecond":
         """One fitting step of Q on the pair (v, h).
 
+        Per factor the statistics (T₁, T₂) are formed by contracting all other axes (see
+        the geometry table in the docs), normalised by the factor's Lipschitz estimate L,
+        and the factor moves by its geometry's rule. A step whose result, or whose fit
+        pair, is non-finite (e.g. statistics overflowing on 1e30 gradients) is skipped:
+        the old factors and L are kept (per layer or block for the stacked, blocked and
+        affine structures).
+
         **Arguments:**
 
         - `v`: the probe vector, or `None` for whitening with v integrated out (T₂ = c·I).
-            Geometries that need v explicitly (`needs_v`) raise if it is `None`.
-        - `h`: the damped gradient/momentum (whitening) or Hessian-vector product (Newton).
+            Structures that need v explicitly (`needs_v`) raise if it is `None`.
+        - `h`: the damped gradient/momentum (whitening) or Hessian-vector product (Newton),
+            with the parameter's shape.
         - `lr`: the preconditioner learning rate μ (normalised: μ ≤ 1 is safe).
         - `key`: randomness for norm bounds and factor balancing.
         - `normaliser`: the step-size normaliser (Lipschitz EMA and norm bound);
             `None` = `Normaliser()`.
-        - `balance_probability`: probability of rebalancing the factors' dynamic ranges.
+        - `balance_probability`: probability of rebalancing the factors' dynamic ranges
+            (structures with one factor ignore it).
 
         **Returns:** the updated preconditioner (same structure, dtypes and static config).
         """
+        normaliser = Normaliser() if normaliser is None else normaliser
+        name = type(self).__name__
+        if v is None and self.needs_v:
+            raise ValueError(
+                f"`{name}.update` needs the probe `v` explicitly: its fit has no form with "
+                "v integrated out (T₂ = c·I); pass the sampled probe."
+            )
+        check_fit_pair(f"{name}.update", self.shape, v, h)
+        new = self._fit(v, h, lr=lr, key=key, normaliser=normaliser,
+                        balance_probability=balance_probability)
+        if not self._guards_finite:
+            return new
+        return keep_if_finite(new, self, h, v)
+
+    @abc.abstractmethod
+    def _fit(
+        self,
+        v: Shaped[Array, "..."] | None,
+        h: Shaped[Array, "..."],
+        *,
+        lr: ArrayLike,
+        key: PRNGKeyArray,
+        normaliser: Normaliser,
+        balance_probability: float | ArrayLike,
+    ) -> "AbstractPrecond":
+        """The structure's fitting step behind `update`, on an already checked pair
+        (`v` is `None` only if `needs_v` is false); `update` adds the finite guard."""
 
     @property
     @abc.abstractmethod
@@ -137,3 +182,15 @@ class AbstractPrecond(eqx.Module):
         """Bytes of preconditioner state (every array field)."""
         leaves = [x for x in jax.tree.leaves(self) if hasattr(x, "dtype")]
         return int(sum(x.size * x.dtype.itemsize for x in leaves))
+
+
+class AbstractGeometryPrecond(AbstractPrecond):
+    """A preconditioner fitted by one of the Lie-group geometries of
+    [`psgd_eqx.GEOMETRIES`][] (`KronQ`, `DiagQ`, `DenseQ`, `XMatQ`, and `AffineQ` through
+    its `KronQ`): whether it needs v is the geometry's."""
+
+    geometry: eqx.AbstractVar[str]
+
+    @property
+    def needs_v(self) -> bool:
+        return GeometrySpec(self.geometry).needs_v

@@ -1,5 +1,6 @@
 import math
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -15,7 +16,7 @@ from .._shapes import (
     squeezed_shape,
     to_blocks,
 )
-from .base import AbstractPrecond, batched_update, check_fit_pair, check_shape
+from .base import AbstractPrecond, batched_update, check_shape
 
 
 class BlockedQ(AbstractPrecond):
@@ -37,6 +38,8 @@ class BlockedQ(AbstractPrecond):
     shape: tuple[int, ...] = eqx.field(static=True)
     axes: tuple[int, ...] = eqx.field(static=True)
     pieces: tuple[Pieces, ...] = eqx.field(static=True)
+    # Each block's own `update` skips its non-finite steps; the other blocks still move.
+    _guards_finite: ClassVar[bool] = False
 
     def __check_init__(self):
         if math.prod(self.axes) != math.prod(squeezed_shape(self.shape)):
@@ -114,23 +117,17 @@ class BlockedQ(AbstractPrecond):
         out = [jax.vmap(lambda q, x: q.apply(x))(q, b) for q, b in zip(self.groups, blocks)]
         return from_blocks(out, self.pieces, g.dtype).reshape(self.shape)
 
-    def update(
+    def _fit(
         self,
         v: Shaped[Array, "..."] | None,
         h: Shaped[Array, "..."],
         *,
         lr: ArrayLike,
         key: PRNGKeyArray,
-        normaliser: Normaliser | None = None,
-        balance_probability: float | ArrayLike = 0.01,
+        normaliser: Normaliser,
+        balance_probability: float | ArrayLike,
     ) -> "BlockedQ":
-        """One fitting step of every block's preconditioner on its block of (v, h).
-
-        **Arguments:** as [`psgd_eqx.KronQ.update`][]; each block gets its own key.
-
-        **Returns:** the updated `BlockedQ`.
-        """
-        check_fit_pair("BlockedQ.update", self.shape, v, h)
+        """Every block's own `update` on its block of (v, h), each with its own key."""
         hs = to_blocks(h.reshape(self.axes), self.pieces)
         vs = [None] * len(hs) if v is None else to_blocks(v.reshape(self.axes), self.pieces)
         new = []

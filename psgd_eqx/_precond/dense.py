@@ -1,23 +1,61 @@
+from typing import ClassVar
+
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
 from .._geometry import (
     GEOMETRIES,
+    AbstractContractions,
     GeometrySpec,
     Outer,
+    Statistic,
     canonical_geometry,
-    dense_lipschitz,
-    dense_step,
+    fit_factor,
+    fit_statistics,
 )
 from .._norms import Normaliser
 from .._numerics import compute_dtype, promote, real_dtype
 from .._ops import solve_upper_h
-from .base import AbstractPrecond, as_shape, check_fit_pair, check_shape, flat_size, keep_if_finite
+from .base import AbstractGeometryPrecond, as_shape, check_shape, flat_size
 
 
-class DenseQ(AbstractPrecond):
+def _p_times(q: Array, x: Array, stores_p: bool) -> Array:
+    """P·x for one dense factor: QᴴQx, or Qx when the factor is P itself."""
+    return q @ x if stores_p else jnp.conj(q.T) @ (q @ x)
+
+
+class _DenseContractions(AbstractContractions):
+    """`DenseQ`'s primitives: one dense factor over the whole vector (c = N/n = 1), whose
+    statistics are the rank-1 `Outer` products of single vectors."""
+
+    q: Array
+    stores_p: bool = eqx.field(static=True)
+
+    @property
+    def num_factors(self) -> int:
+        return 1
+
+    def p_times(self, x: Array) -> Array:
+        return _p_times(self.q, x, self.stores_p)
+
+    def factor_times(self, i: int, x: Array) -> Array:
+        return self.q @ x
+
+    def factor_inv_h_times(self, i: int, x: Array) -> Array:
+        return solve_upper_h(self.q, x)
+
+    def contract(self, i: int, x: Array) -> Statistic:
+        return Outer(x[:, None])
+
+    def factor_gram(self, i: int) -> Array:
+        return self.q @ jnp.conj(self.q.T)
+
+    def whitening_scale(self, i: int) -> Float[Array, ""]:
+        return jnp.ones((), real_dtype(self.q.dtype))
+
+
+class DenseQ(AbstractGeometryPrecond):
     """One dense n×n Q over a whole (small) parameter vector: P = QᴴQ ≈ H⁻¹.
 
     The reference's `DenseNewton`, a BFGS alternative for up to ~10⁴ parameters with no
@@ -35,6 +73,7 @@ class DenseQ(AbstractPrecond):
     lipschitz: Float[Array, ""]
     shape: tuple[int, ...] = eqx.field(static=True)
     geometry: str = eqx.field(static=True)
+    _guards_finite: ClassVar[bool] = True
 
     def __check_init__(self):
         n = flat_size(self.shape)
@@ -78,14 +117,8 @@ class DenseQ(AbstractPrecond):
         q = jnp.eye(n, dtype=dtype) * GeometrySpec(geometry).factor_scale(init_scale).astype(dtype)
         return cls(q, jnp.zeros((), real_dtype(compute_dtype(dtype))), shape, geometry)
 
-    @property
-    def needs_v(self) -> bool:
-        return GeometrySpec(self.geometry).needs_v
-
     def _p_times(self, q: Array, x: Array) -> Array:
-        if GeometrySpec(self.geometry).stores_p:
-            return q @ x
-        return jnp.conj(q.T) @ (q @ x)
+        return _p_times(q, x, GeometrySpec(self.geometry).stores_p)
 
     def apply(self, g: Shaped[Array, "..."]) -> Shaped[Array, "..."]:
         """P·g over the flattened parameter.
@@ -101,54 +134,29 @@ class DenseQ(AbstractPrecond):
         x = g.reshape(-1).astype(dtype)
         return self._p_times(self.q.astype(dtype), x).reshape(g.shape).astype(g.dtype)
 
-    def update(
+    def _fit(
         self,
         v: Shaped[Array, "..."] | None,
         h: Shaped[Array, "..."],
         *,
         lr: ArrayLike,
         key: PRNGKeyArray,
-        normaliser: Normaliser | None = None,
-        balance_probability: float | ArrayLike = 0.01,
+        normaliser: Normaliser,
+        balance_probability: float | ArrayLike,
     ) -> "DenseQ":
-        """One Lie-group step of Q on the pair (v, h), with factored rank-1 statistics.
-
-        **Arguments:** as [`psgd_eqx.KronQ.update`][] (`balance_probability` is unused:
-        there is one factor).
-
-        **Returns:** the updated `DenseQ` (unchanged if the step would be non-finite).
-        """
-        del balance_probability
-        normaliser = Normaliser() if normaliser is None else normaliser
-        spec = GeometrySpec(self.geometry)
-        if v is None and spec.needs_v:
-            raise ValueError(f"geometry {self.geometry!r} needs the probe `v` explicitly.")
-        check_fit_pair("DenseQ.update", self.shape, v, h)
+        """Q's step on factored rank-1 statistics (`balance_probability` is unused)."""
+        del balance_probability  # one factor: nothing to balance
         cd = compute_dtype(promote(self.q.dtype, h.dtype))
-        rd = real_dtype(cd)
         q = self.q.astype(cd)
-        x = h.reshape(-1).astype(cd)
+        spec = GeometrySpec(self.geometry)
         vv = None if v is None else v.reshape(-1).astype(cd)
-        one = jnp.ones((), rd)  # c = N/n = 1 for a single factor over the whole vector
-
-        if spec.name == "EQ":
-            b = solve_upper_h(q, vv)  # Q⁻ᴴ v
-            t1, t2 = Outer((q @ x)[:, None]), Outer(b[:, None])
-        else:
-            pg = self._p_times(q, x)
-            if spec.stats_carry_q:  # QEP: the statistics of Q·(Pg) and Q·v
-                t1 = Outer((q @ pg)[:, None])
-                t2 = q @ jnp.conj(q.T) if vv is None else Outer((q @ vv)[:, None])
-            else:
-                t1 = Outer(pg[:, None])
-                t2 = one if vv is None else Outer(vv[:, None])
-        k_ell, k_step = jax.random.split(key)
-        ell = dense_lipschitz(t1, t2, k_ell, normaliser)
-        big_l, eta = normaliser.step(self.lipschitz.astype(rd), ell, lr)
-        new_q = dense_step(spec.name, q, t1, t2, eta, k_step, normaliser)
-        new = DenseQ(new_q.astype(self.q.dtype), big_l.astype(self.lipschitz.dtype),
-                     self.shape, self.geometry)
-        return keep_if_finite(new, self, h, v)
+        ((t1, t2),) = fit_statistics(
+            spec.name, _DenseContractions(q, spec.stores_p), h.reshape(-1).astype(cd), vv
+        )
+        old_l = self.lipschitz.astype(real_dtype(cd))
+        new_q, big_l = fit_factor(spec.name, q, t1, t2, old_l, lr, key, normaliser, dense=True)
+        return DenseQ(new_q.astype(self.q.dtype), big_l.astype(self.lipschitz.dtype),
+                      self.shape, self.geometry)
 
     def rescale(self, scale: ArrayLike) -> "DenseQ":
         """Q ← scale·Q (the stored P ← scale²·P for `PRO4P`/`QUAD4P`).

@@ -1,14 +1,53 @@
+from typing import ClassVar
+
 import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
-from .._geometry import GEOMETRIES, GeometrySpec, canonical_geometry, diag_lipschitz, diag_step
+from .._geometry import (
+    GEOMETRIES,
+    AbstractContractions,
+    GeometrySpec,
+    Statistic,
+    canonical_geometry,
+    fit_factor,
+    fit_statistics,
+)
 from .._norms import Normaliser
 from .._numerics import abs2, compute_dtype, promote, real_dtype
-from .base import AbstractPrecond, check_fit_pair, keep_if_finite
+from .base import AbstractGeometryPrecond
 
 
-class DiagQ(AbstractPrecond):
+class _DiagContractions(AbstractContractions):
+    """`DiagQ`'s primitives: one diagonal factor with nothing to contract over (c = 1)."""
+
+    q: Array
+    stores_p: bool = eqx.field(static=True)
+
+    @property
+    def num_factors(self) -> int:
+        return 1
+
+    def p_times(self, x: Array) -> Array:
+        return (self.q if self.stores_p else abs2(self.q).astype(x.dtype)) * x
+
+    def factor_times(self, i: int, x: Array) -> Array:
+        return self.q * x
+
+    def factor_inv_h_times(self, i: int, x: Array) -> Array:
+        return x / jnp.conj(self.q)
+
+    def contract(self, i: int, x: Array) -> Statistic:
+        return abs2(x)
+
+    def factor_gram(self, i: int) -> Array:
+        return abs2(self.q)
+
+    def whitening_scale(self, i: int) -> Float[Array, ""]:
+        return jnp.ones((), real_dtype(self.q.dtype))
+
+
+class DiagQ(AbstractGeometryPrecond):
     """Element-wise diagonal preconditioner Q = diag(d), P = diag(|d|²).
 
     One scale per parameter element (the memory of Adam's second moment), fitted with the
@@ -19,6 +58,7 @@ class DiagQ(AbstractPrecond):
     d: Shaped[Array, "..."]
     lipschitz: Float[Array, ""]
     geometry: str = eqx.field(static=True)
+    _guards_finite: ClassVar[bool] = True
 
     def __check_init__(self):
         if self.lipschitz.shape != ():
@@ -55,8 +95,9 @@ class DiagQ(AbstractPrecond):
         return cls(d, jnp.zeros((), real_dtype(compute_dtype(dtype))), geometry)
 
     @property
-    def needs_v(self) -> bool:
-        return GeometrySpec(self.geometry).needs_v
+    def shape(self) -> tuple[int, ...]:
+        """The parameter's shape (that of `d`)."""
+        return self.d.shape
 
     def apply(self, g: Shaped[Array, "..."]) -> Shaped[Array, "..."]:
         """P·g = |d|²⊙g.
@@ -76,48 +117,27 @@ class DiagQ(AbstractPrecond):
         """The diagonal of P: |d|², or d itself for the stored-P geometries."""
         return self.d if GeometrySpec(self.geometry).stores_p else abs2(self.d)
 
-    def update(
+    def _fit(
         self,
         v: Shaped[Array, "..."] | None,
         h: Shaped[Array, "..."],
         *,
         lr: ArrayLike,
         key: PRNGKeyArray,
-        normaliser: Normaliser | None = None,
-        balance_probability: float | ArrayLike = 0.01,
+        normaliser: Normaliser,
+        balance_probability: float | ArrayLike,
     ) -> "DiagQ":
-        """One fitting step of d on the pair (v, h) with the shared diagonal geometry rule.
-
-        **Arguments:** as [`psgd_eqx.KronQ.update`][] (`key` and `balance_probability` are
-        unused).
-
-        **Returns:** the updated `DiagQ` (unchanged if the step would be non-finite).
-        """
-        del key, balance_probability  # a single diagonal has nothing random to do
-        normaliser = Normaliser() if normaliser is None else normaliser
-        spec = GeometrySpec(self.geometry)
-        if v is None and spec.needs_v:
-            raise ValueError(f"geometry {self.geometry!r} needs the probe `v` explicitly.")
-        check_fit_pair("DiagQ.update", self.d.shape, v, h)
+        """d's step with the shared diagonal rule (`balance_probability` is unused)."""
+        del balance_probability  # a single diagonal has no factors to balance
         cd = compute_dtype(promote(self.d.dtype, h.dtype))
         q = self.d.astype(cd)
-        x = h.astype(cd)
+        spec = GeometrySpec(self.geometry)
+        ops = _DiagContractions(q, spec.stores_p)
         vv = None if v is None else v.astype(cd)
-        if spec.name == "EQ":
-            t1, t2 = abs2(q * x), abs2(vv / jnp.conj(q))
-        else:
-            pg = (q if spec.stores_p else abs2(q).astype(cd)) * x
-            if spec.stats_carry_q:
-                t1 = abs2(q * pg)
-                t2 = abs2(q) if vv is None else abs2(q * vv)
-            else:
-                t1 = abs2(pg)
-                t2 = jnp.ones((), real_dtype(cd)) if vv is None else abs2(vv)
-        rd = real_dtype(cd)
-        big_l, eta = normaliser.step(self.lipschitz.astype(rd), diag_lipschitz(t1, t2), lr)
-        new_q = diag_step(spec.name, q, t1, t2, eta)
-        new = DiagQ(new_q.astype(self.d.dtype), big_l.astype(self.lipschitz.dtype), self.geometry)
-        return keep_if_finite(new, self, h, v)
+        ((t1, t2),) = fit_statistics(spec.name, ops, h.astype(cd), vv)
+        old_l = self.lipschitz.astype(real_dtype(cd))
+        new_q, big_l = fit_factor(spec.name, q, t1, t2, old_l, lr, key, normaliser, dense=False)
+        return DiagQ(new_q.astype(self.d.dtype), big_l.astype(self.lipschitz.dtype), self.geometry)
 
     def rescale(self, scale: ArrayLike) -> "DiagQ":
         """d ← scale·d.

@@ -1,5 +1,6 @@
 import math
 import string
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -8,20 +9,20 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
 from .._geometry import (
     GEOMETRIES,
+    AbstractContractions,
     GeometrySpec,
+    Statistic,
     balance_factors,
     canonical_geometry,
-    dense_lipschitz,
-    dense_step,
-    diag_lipschitz,
-    diag_step,
+    fit_factor,
+    fit_statistics,
     maybe_balance,
 )
 from .._norms import Normaliser
 from .._numerics import abs2, compute_dtype, promote, real_dtype
 from .._ops import check_use_kernels, solve_upper_h
 from .._shapes import squeezed_shape
-from .base import AbstractPrecond, check_fit_pair, keep_if_finite
+from .base import AbstractGeometryPrecond
 
 
 def _mode_product(m: Array, x: Array, axis: int) -> Array:
@@ -72,7 +73,73 @@ def _apply_einsum(dense: tuple[bool, ...], cached: bool) -> str:
     return ",".join(ops) + "," + "".join(in_sub) + "->" + "".join(out_sub)
 
 
-class KronQ(AbstractPrecond):
+def _kron_p_times(
+    factors: tuple[Array, ...],
+    cache: tuple[Array | None, ...] | None,
+    dense: tuple[bool, ...],
+    stores_p: bool,
+    x: Array,
+) -> Array:
+    """P·x on the factors' shape with the given (already cast) factors/cache: one einsum."""
+    if stores_p:
+        cache = factors  # a stored-P factor is its own cache
+    cached = cache is not None
+    ops = []
+    for i, (f, d) in enumerate(zip(factors, dense)):
+        if not d:
+            ops.append(f.astype(x.dtype) if stores_p else abs2(f).astype(x.dtype))
+        elif cached:
+            ops.append(cache[i].astype(x.dtype))
+        else:
+            f = f.astype(x.dtype)
+            ops.extend([jnp.conj(f), f])
+    return jnp.einsum(_apply_einsum(dense, cached), *ops, x)
+
+
+def _solve_along(q: Array, x: Array, axis: int) -> Array:
+    """Q⁻ᴴ ×_axis x for an upper-triangular Q: one solve with the other axes as columns."""
+    xm = jnp.moveaxis(x, axis, 0)
+    sol = solve_upper_h(q, xm.reshape(q.shape[0], -1))
+    return jnp.moveaxis(sol.reshape(xm.shape), 0, axis)
+
+
+class _KronContractions(AbstractContractions):
+    """`KronQ`'s primitives for [`fit_statistics`][psgd_eqx._geometry.fit_statistics]:
+    mode products along each axis, and Contract sums over all the other axes."""
+
+    qs: tuple[Array, ...]
+    cache: tuple[Array | None, ...] | None
+    dense: tuple[bool, ...] = eqx.field(static=True)
+    stores_p: bool = eqx.field(static=True)
+
+    @property
+    def num_factors(self) -> int:
+        return len(self.qs)
+
+    def p_times(self, x: Array) -> Array:
+        return _kron_p_times(self.qs, self.cache, self.dense, self.stores_p, x)
+
+    def factor_times(self, i: int, x: Array) -> Array:
+        return (_mode_product if self.dense[i] else _mode_scale)(self.qs[i], x, i)
+
+    def factor_inv_h_times(self, i: int, x: Array) -> Array:
+        if self.dense[i]:
+            return _solve_along(self.qs[i], x, i)
+        return _mode_scale(1.0 / jnp.conj(self.qs[i]), x, i)
+
+    def contract(self, i: int, x: Array) -> Statistic:
+        return _contract(x, x, i) if self.dense[i] else _contract_diag(x, i)
+
+    def factor_gram(self, i: int) -> Array:
+        q = self.qs[i]
+        return q @ jnp.conj(q).T if self.dense[i] else abs2(q)
+
+    def whitening_scale(self, i: int) -> Float[Array, ""]:
+        n = [q.shape[0] for q in self.qs]
+        return jnp.asarray(math.prod(n) / n[i], real_dtype(self.qs[i].dtype))
+
+
+class KronQ(AbstractGeometryPrecond):
     """Kronecker-factored preconditioner Q = Q₁ ⊗ … ⊗ Q_k for a tensor of any rank.
 
     One factor per axis of size > 1 (size-1 axes are squeezed; scalars get one 1×1
@@ -94,6 +161,7 @@ class KronQ(AbstractPrecond):
     geometry: str = eqx.field(static=True)
     merged: tuple[int, ...] | None = eqx.field(static=True, default=None)
     use_kernels: bool | str = eqx.field(static=True, default="auto")
+    _guards_finite: ClassVar[bool] = True
 
     def __check_init__(self):
         check_use_kernels(self.use_kernels)
@@ -187,10 +255,6 @@ class KronQ(AbstractPrecond):
         """The shape the factors act on: the squeezed shape, or `merged`."""
         return squeezed_shape(self.shape) if self.merged is None else self.merged
 
-    @property
-    def needs_v(self) -> bool:
-        return GeometrySpec(self.geometry).needs_v
-
     def _with_cache(self, enabled: bool) -> "KronQ":
         # A stored-P factor is its own cache.
         if not enabled or GeometrySpec(self.geometry).stores_p:
@@ -201,21 +265,9 @@ class KronQ(AbstractPrecond):
         return eqx.tree_at(lambda q: q.cache, self, cache, is_leaf=lambda x: x is None)
 
     def _apply_p(self, factors, cache, x: Array) -> Array:
-        """P·x on the squeezed shape with the given (already cast) factors/cache."""
+        """P·x on the factors' shape with the given (already cast) factors/cache."""
         stores_p = GeometrySpec(self.geometry).stores_p
-        if stores_p:
-            cache = factors
-        cached = cache is not None
-        ops = []
-        for i, (f, d) in enumerate(zip(factors, self.dense)):
-            if not d:
-                ops.append(f.astype(x.dtype) if stores_p else abs2(f).astype(x.dtype))
-            elif cached:
-                ops.append(cache[i].astype(x.dtype))
-            else:
-                f = f.astype(x.dtype)
-                ops.extend([jnp.conj(f), f])
-        return jnp.einsum(_apply_einsum(self.dense, cached), *ops, x)
+        return _kron_p_times(factors, cache, self.dense, stores_p, x)
 
     # -- public API --------------------------------------------------------------------
 
@@ -235,119 +287,49 @@ class KronQ(AbstractPrecond):
         x = g.reshape(self.axes_shape).astype(dtype)
         return self._apply_p(self.factors, self.cache, x).reshape(self.shape).astype(g.dtype)
 
-    def update(
+    def _fit(
         self,
         v: Shaped[Array, "..."] | None,
         h: Shaped[Array, "..."],
         *,
         lr: ArrayLike,
         key: PRNGKeyArray,
-        normaliser: Normaliser | None = None,
-        balance_probability: float | ArrayLike = 0.01,
+        normaliser: Normaliser,
+        balance_probability: float | ArrayLike,
     ) -> "KronQ":
-        """One Lie-group fitting step of every factor on the pair (v, h).
-
-        Per factor i the statistics (T₁, T₂) are formed by contracting all other axes (see
-        the geometry table in the docs), normalised by the Lipschitz
-        estimate Lᵢ, and the factor moves by its geometry's rule. A step whose result is
-        non-finite (e.g. statistics overflowing on 1e30 gradients) is skipped: the old
-        factors and L are kept.
-
-        **Arguments:**
-
-        - `v`: the probe, or `None` for whitening with v integrated out (not for `EQ`).
-        - `h`: the damped gradient/momentum or Hessian-vector product, shape `self.shape`.
-        - `lr`: the preconditioner learning rate μ.
-        - `key`: randomness for norm bounds and balancing.
-        - `normaliser`: step-size normaliser; `None` = `Normaliser()`.
-        - `balance_probability`: probability of rebalancing the factors this step.
-
-        **Returns:** the updated `KronQ`.
-        """
-        normaliser = Normaliser() if normaliser is None else normaliser
+        """Every factor's step on its statistics, then (maybe) a rebalance of the factors."""
         spec = GeometrySpec(self.geometry)
-        if v is None and spec.needs_v:
-            raise ValueError(f"geometry {self.geometry!r} needs the probe `v` explicitly.")
-        check_fit_pair("KronQ.update", self.shape, v, h)
-        store = self.factors[0].dtype
-        cd = compute_dtype(promote(store, h.dtype))
-        axes = self.axes_shape
-        numel = math.prod(axes)
+        cd = compute_dtype(promote(self.factors[0].dtype, h.dtype))
         key_bal, key_fac = jax.random.split(key)
         qs = tuple(f.astype(cd) for f in self.factors)
         if spec.balance_every_update:
             qs = balance_factors(qs)
-        x = h.reshape(axes).astype(cd)
-        vv = None if v is None else v.reshape(axes).astype(cd)
-
-        stats = []
-        if spec.name == "EQ":
-            a = x
-            b = vv
-            for i, (q, d) in enumerate(zip(qs, self.dense)):
-                if d:
-                    a = _mode_product(q, a, i)
-                    bm = jnp.moveaxis(b, i, 0)
-                    sol = solve_upper_h(q, bm.reshape(q.shape[0], -1))
-                    b = jnp.moveaxis(sol.reshape(bm.shape), 0, i)
-                else:
-                    a = _mode_scale(q, a, i)
-                    b = _mode_scale(1.0 / jnp.conj(q), b, i)
-            for i, d in enumerate(self.dense):
-                if d:
-                    stats.append((_contract(a, a, i), _contract(b, b, i)))
-                else:
-                    stats.append((_contract_diag(a, i), _contract_diag(b, i)))
-        else:
-            cache = None
-            if self.cache is not None and not spec.balance_every_update:
-                cache = tuple(None if c is None else c.astype(cd) for c in self.cache)
-            pg = self._apply_p(qs, cache, x)
-            for i, (q, d) in enumerate(zip(qs, self.dense)):
-                c = jnp.asarray(numel / axes[i], real_dtype(cd))
-                if spec.stats_carry_q:
-                    mode = _mode_product if d else _mode_scale
-                    y = mode(q, pg, i)
-                    if vv is None:
-                        t2 = c * (q @ jnp.conj(q).T) if d else c * abs2(q)
-                    else:
-                        yv = mode(q, vv, i)
-                        t2 = _contract(yv, yv, i) if d else _contract_diag(yv, i)
-                else:
-                    y = pg
-                    if vv is None:
-                        t2 = c
-                    else:
-                        t2 = _contract(vv, vv, i) if d else _contract_diag(vv, i)
-                t1 = _contract(y, y, i) if d else _contract_diag(y, i)
-                stats.append((t1, t2))
+        ops = _KronContractions(qs, self._fit_cache(cd), self.dense, spec.stores_p)
+        x = h.reshape(self.axes_shape).astype(cd)
+        vv = None if v is None else v.reshape(self.axes_shape).astype(cd)
+        stats = fit_statistics(spec.name, ops, x, vv)
 
         keys = jax.random.split(key_fac, len(qs))
-        new_qs, new_l = [], []
         lr = jnp.asarray(lr, real_dtype(cd))
         old_l = self.lipschitz.astype(real_dtype(cd))
-        for i, (q, d, (t1, t2)) in enumerate(zip(qs, self.dense, stats)):
-            k_ell, k_step = jax.random.split(keys[i])
-            if d:
-                ell = dense_lipschitz(t1, t2, k_ell, normaliser)
-            else:
-                ell = diag_lipschitz(t1, t2)
-            big_l, eta = normaliser.step(old_l[i], ell, lr)
-            if d:
-                new_qs.append(dense_step(spec.name, q, t1, t2, eta, k_step, normaliser,
-                                         use_kernels=self.use_kernels))
-            else:
-                new_qs.append(diag_step(spec.name, q, t1, t2, eta))
-            new_l.append(big_l)
-        new_qs = tuple(new_qs)
+        new_qs, new_l = zip(*(
+            fit_factor(spec.name, q, t1, t2, old_l[i], lr, keys[i], normaliser, dense=d,
+                       use_kernels=self.use_kernels)
+            for i, (q, d, (t1, t2)) in enumerate(zip(qs, self.dense, stats))
+        ))
         if not spec.balance_every_update:
-            new_qs = maybe_balance(new_qs, key_bal, balance_probability)
-        new_lip = jnp.stack(new_l)
-
+            new_qs = maybe_balance(tuple(new_qs), key_bal, balance_probability)
         factors = tuple(nq.astype(f.dtype) for nq, f in zip(new_qs, self.factors))
-        out = KronQ(factors, new_lip.astype(self.lipschitz.dtype), None, self.shape,
+        out = KronQ(factors, jnp.stack(new_l).astype(self.lipschitz.dtype), None, self.shape,
                     self.dense, self.geometry, self.merged, self.use_kernels)
-        return keep_if_finite(out._with_cache(self.cache is not None), self, h, v)
+        return out._with_cache(self.cache is not None)
+
+    def _fit_cache(self, cd) -> tuple[Array | None, ...] | None:
+        """The cached Pᵢ for the fit's P·h, in the compute dtype; `None` when there is none,
+        and for QEP, whose P·h is formed from the factors it has just rebalanced."""
+        if self.cache is None or GeometrySpec(self.geometry).balance_every_update:
+            return None
+        return tuple(None if c is None else c.astype(cd) for c in self.cache)
 
     def rescale(self, scale: ArrayLike) -> "KronQ":
         """Q ← scale·Q, spread evenly over the factors (scale^(1/k) each).

@@ -1,3 +1,5 @@
+from typing import ClassVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -7,12 +9,64 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 from .._geometry import diag_step
 from .._norms import Normaliser
 from .._numerics import compute_dtype, is_complex, promote, real_dtype
-from .base import AbstractPrecond, as_shape, check_fit_pair, check_shape, flat_size, keep_if_finite
+from .base import AbstractPrecond, as_shape, check_shape, flat_size
 
 
 def _ip_uvt(u: Array, v: Array, x: Array) -> Array:
     """(I + U Vᵀ) x."""
     return x + u @ (v.T @ x)
+
+
+def _balance_uv(u: Array, vm: Array) -> tuple[Array, Array]:
+    """U, V moved approximately towards UᵀU = VᵀV; UVᵀ (hence P) is unchanged to O(E⁴)."""
+    utu, vtv = u.T @ u, vm.T @ vm
+    tr_u, tr_v = jnp.trace(utu), jnp.trace(vtv)
+    ok = (tr_u > 0) & (tr_v > 0)
+    rho = jnp.where(ok, (tr_u / jnp.where(ok, tr_v, 1.0)) ** 0.25, 1.0)
+    rho2 = rho * rho
+    e = 0.1 * (utu / rho2 - vtv * rho2) / jnp.where(ok, tr_u / rho2 + tr_v * rho2, 1.0)
+    e2 = 0.5 * e @ e
+    u, vm = u / rho, vm * rho
+    return u - u @ (e - e2), vm + vm @ (e + e2)
+
+
+def _products(u: Array, vm: Array, d: Array, x: Array, probe: Array) -> tuple[Array, ...]:
+    """Q·h, P·h, Q⁻ᵀ·v and P⁻¹·v, and I + VᵀU (for the U/V gradients).
+
+    Q⁻ᵀ = diag(1/d)(I + V Uᵀ)⁻¹ by Woodbury with one r×r LU (the reference's solve)."""
+    r = u.shape[1]
+    qh = _ip_uvt(u, vm, d * x)
+    ph = d * _ip_uvt(vm, u, qh)
+    ip_vtu = jnp.eye(r, dtype=u.dtype) + vm.T @ u
+    lu = jsl.lu_factor(ip_vtu)
+    inv_qt_v = probe / d
+    inv_qt_v = inv_qt_v - vm @ jsl.lu_solve(lu, u.T @ inv_qt_v, trans=1)
+    inv_p_v = (inv_qt_v - u @ jsl.lu_solve(lu, vm.T @ inv_qt_v)) / d
+    return qh, ph, inv_qt_v, inv_p_v, ip_vtu
+
+
+def _step_u_or_v(u, vm, a, b, ip_vtu, l_u, l_v, lr, key, normaliser: Normaliser):
+    """U or V (a coin flip) along its own normalised gradient of the fit, with
+    a = Q·h and b = Q⁻ᵀ·v as columns; returns the new (U, V, L_U, L_V)."""
+
+    def step_u(_):
+        atv, btv = a.T @ vm, b.T @ vm
+        ell = (jnp.linalg.norm(a) * jnp.linalg.norm(atv @ vm.T)
+               + jnp.linalg.norm(b) * jnp.linalg.norm(btv @ vm.T))
+        new_l, eta = normaliser.step(l_u, ell, lr)
+        grad = a @ (atv @ ip_vtu) - b @ (btv @ ip_vtu)
+        return u - eta * grad, vm, new_l, l_v
+
+    def step_v(_):
+        atu, btu = a.T @ u, b.T @ u
+        uuta, uutb = u @ atu.T, u @ btu.T
+        ell = (jnp.linalg.norm(a) * jnp.linalg.norm(uuta)
+               + jnp.linalg.norm(b) * jnp.linalg.norm(uutb))
+        new_l, eta = normaliser.step(l_v, ell, lr)
+        grad = (a + vm @ atu.T) @ atu - (b + vm @ btu.T) @ btu
+        return u, vm - eta * grad, l_u, new_l
+
+    return jax.lax.cond(jax.random.bernoulli(key), step_u, step_v, None)
 
 
 class LRAQ(AbstractPrecond):
@@ -32,6 +86,7 @@ class LRAQ(AbstractPrecond):
     d: Shaped[Array, " n"]
     lipschitz: Float[Array, "3"]
     shape: tuple[int, ...] = eqx.field(static=True)
+    _guards_finite: ClassVar[bool] = True
 
     def __check_init__(self):
         n = flat_size(self.shape)
@@ -112,28 +167,20 @@ class LRAQ(AbstractPrecond):
             x = _ip_uvt(v, u, _ip_uvt(u, v, x))
         return (d * x).reshape(g.shape).astype(g.dtype)
 
-    def update(
+    def _fit(
         self,
         v: Shaped[Array, "..."] | None,
         h: Shaped[Array, "..."],
         *,
         lr: ArrayLike,
         key: PRNGKeyArray,
-        normaliser: Normaliser | None = None,
-        balance_probability: float | ArrayLike = 0.01,
+        normaliser: Normaliser,
+        balance_probability: float | ArrayLike,
     ) -> "LRAQ":
-        """One fitting step on the pair (v, h): d, then U or V.
-
-        **Arguments:** as [`psgd_eqx.KronQ.update`][]; `v` is required (`needs_v`), and
-        only the Lipschitz EMA of `normaliser` is used (the LRA norm bounds are closed-form).
-
-        **Returns:** the updated `LRAQ` (unchanged if the step would be non-finite).
-        """
+        """d by the shared diagonal rule, then U or V; only the Lipschitz EMA of
+        `normaliser` is used (the LRA norm bounds are closed-form)."""
         del balance_probability  # U and V are balanced at every step
-        normaliser = Normaliser() if normaliser is None else normaliser
-        if v is None:
-            raise ValueError("`LRAQ.update` needs the probe `v` (LRA has no integrated-out form).")
-        check_fit_pair("LRAQ.update", self.shape, v, h)
+        assert v is not None  # `needs_v`: `update` has checked it
         cd = compute_dtype(promote(self.d.dtype, h.dtype))
         rd = real_dtype(cd)
         u, vm, d = (x.astype(cd) for x in (self.u, self.v, self.d))
@@ -141,29 +188,11 @@ class LRAQ(AbstractPrecond):
         probe = v.reshape(-1).astype(cd)
         lips = self.lipschitz.astype(rd)
         lr = jnp.asarray(lr, rd)
-
         if self.rank:
-            # Approximate balancing towards UᵀU = VᵀV (P is unchanged to O(E⁴)).
-            utu, vtv = u.T @ u, vm.T @ vm
-            tr_u, tr_v = jnp.trace(utu), jnp.trace(vtv)
-            ok = (tr_u > 0) & (tr_v > 0)
-            rho = jnp.where(ok, (tr_u / jnp.where(ok, tr_v, 1.0)) ** 0.25, 1.0)
-            rho2 = rho * rho
-            e = 0.1 * (utu / rho2 - vtv * rho2) / jnp.where(ok, tr_u / rho2 + tr_v * rho2, 1.0)
-            e2 = 0.5 * e @ e
-            u, vm = u / rho, vm * rho
-            u, vm = u - u @ (e - e2), vm + vm @ (e + e2)
-
-        qh = d * x
-        if self.rank:
-            qh = _ip_uvt(u, vm, qh)
-            ph = d * _ip_uvt(vm, u, qh)
-            ip_vtu = jnp.eye(self.rank, dtype=cd) + vm.T @ u
-            lu = jsl.lu_factor(ip_vtu)
-            inv_qt_v = probe / d
-            inv_qt_v = inv_qt_v - vm @ jsl.lu_solve(lu, u.T @ inv_qt_v, trans=1)
-            inv_p_v = (inv_qt_v - u @ jsl.lu_solve(lu, vm.T @ inv_qt_v)) / d
+            u, vm = _balance_uv(u, vm)
+            qh, ph, inv_qt_v, inv_p_v, ip_vtu = _products(u, vm, d, x, probe)
         else:
+            qh = d * x
             ph = d * qh
             inv_qt_v = probe / d
             inv_p_v = inv_qt_v / d
@@ -175,37 +204,16 @@ class LRAQ(AbstractPrecond):
         l_d, eta_d = normaliser.step(lips[2], ell_d, lr)
         d_new = diag_step("EQ", d, t1, t2, eta_d)
         l_u, l_v = lips[0], lips[1]
-
         if self.rank:
-            a, b = qh[:, None], inv_qt_v[:, None]
-
-            def step_u(_):
-                atv, btv = a.T @ vm, b.T @ vm
-                ell = (jnp.linalg.norm(a) * jnp.linalg.norm(atv @ vm.T)
-                       + jnp.linalg.norm(b) * jnp.linalg.norm(btv @ vm.T))
-                new_l, eta = normaliser.step(l_u, ell, lr)
-                grad = a @ (atv @ ip_vtu) - b @ (btv @ ip_vtu)
-                return u - eta * grad, vm, new_l, l_v
-
-            def step_v(_):
-                atu, btu = a.T @ u, b.T @ u
-                uuta, uutb = u @ atu.T, u @ btu.T
-                ell = (jnp.linalg.norm(a) * jnp.linalg.norm(uuta)
-                       + jnp.linalg.norm(b) * jnp.linalg.norm(uutb))
-                new_l, eta = normaliser.step(l_v, ell, lr)
-                grad = (a + vm @ atu.T) @ atu - (b + vm @ btu.T) @ btu
-                return u, vm - eta * grad, l_u, new_l
-
-            u, vm, l_u, l_v = jax.lax.cond(jax.random.bernoulli(key), step_u, step_v, None)
-
-        new = LRAQ(
+            u, vm, l_u, l_v = _step_u_or_v(u, vm, qh[:, None], inv_qt_v[:, None], ip_vtu,
+                                           l_u, l_v, lr, key, normaliser)
+        return LRAQ(
             u.astype(self.u.dtype),
             vm.astype(self.v.dtype),
             d_new.astype(self.d.dtype),
             jnp.stack([l_u, l_v, l_d]).astype(self.lipschitz.dtype),
             self.shape,
         )
-        return keep_if_finite(new, self, h, v)
 
     def rescale(self, scale: ArrayLike) -> "LRAQ":
         """Q ← scale·Q (d is scaled; U, V unchanged).

@@ -1,4 +1,5 @@
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -6,7 +7,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PRNGKeyArray, Shaped
 
 from .._norms import Normaliser
-from .base import AbstractPrecond, batched_update, check_fit_pair, check_shape
+from .base import AbstractPrecond, batched_update, check_shape
 
 
 class StackedQ(AbstractPrecond):
@@ -25,6 +26,8 @@ class StackedQ(AbstractPrecond):
     inner: AbstractPrecond
     shape: tuple[int, ...] = eqx.field(static=True)
     map_batch_size: int | None = eqx.field(static=True, default=None)
+    # Each layer's own `update` skips its non-finite steps; the other layers still move.
+    _guards_finite: ClassVar[bool] = False
 
     def __check_init__(self):
         if len(self.shape) < 1 or self.shape[0] < 1:
@@ -94,25 +97,18 @@ class StackedQ(AbstractPrecond):
         check_shape("StackedQ.apply", self.shape, g.shape)
         return self._map(lambda q, x: q.apply(x), self.inner, g)
 
-    def update(
+    def _fit(
         self,
         v: Shaped[Array, "..."] | None,
         h: Shaped[Array, "..."],
         *,
         lr: ArrayLike,
         key: PRNGKeyArray,
-        normaliser: Normaliser | None = None,
-        balance_probability: float | ArrayLike = 0.01,
+        normaliser: Normaliser,
+        balance_probability: float | ArrayLike,
     ) -> "StackedQ":
-        """One fitting step of every layer's preconditioner on its slice of (v, h).
-
-        **Arguments:** as [`psgd_eqx.KronQ.update`][]; each layer gets its own key.
-
-        **Returns:** the updated `StackedQ`.
-        """
-        check_fit_pair("StackedQ.update", self.shape, v, h)
+        """Every layer's own `update` on its slice of (v, h), each with its own key."""
         keys = jax.random.split(key, self.layers)
-
         inner = batched_update(self.inner, v, h, keys, self._map, lr=lr,
                                normaliser=normaliser, balance_probability=balance_probability)
         return StackedQ(inner, self.shape, self.map_batch_size)

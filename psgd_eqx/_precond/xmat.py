@@ -1,3 +1,5 @@
+from typing import ClassVar
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -5,15 +7,18 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
 from .._geometry import (
     GEOMETRIES,
+    AbstractContractions,
     GeometrySpec,
     Outer,
+    Statistic,
     canonical_geometry,
     dense_lipschitz,
     dense_step,
+    fit_statistics,
 )
 from .._norms import Normaliser
 from .._numerics import compute_dtype, promote, real_dtype
-from .base import AbstractPrecond, as_shape, check_fit_pair, check_shape, flat_size, keep_if_finite
+from .base import AbstractGeometryPrecond, as_shape, check_shape, flat_size
 from .diag import DiagQ
 
 
@@ -36,7 +41,45 @@ def _inv_h_times(b: Array, x: Array) -> Array:
     return jnp.stack([y0, y1]) / det
 
 
-class XMatQ(AbstractPrecond):
+def _p_times(blocks: Array, x: Array, stores_p: bool) -> Array:
+    """P·x for (m, 2) pairs x and (m, 2, 2) blocks."""
+    y = jnp.einsum("kab,kb->ka", blocks, x)
+    if stores_p:
+        return y
+    return jnp.einsum("kba,kb->ka", jnp.conj(blocks), y)
+
+
+class _BlockContractions(AbstractContractions):
+    """One 2×2 block's primitives: a dense factor on a 2-vector with no other axes to
+    contract (c = 1), rank-1 `Outer` statistics, and Q⁻ᴴ in closed form."""
+
+    b: Array
+    stores_p: bool = eqx.field(static=True)
+
+    @property
+    def num_factors(self) -> int:
+        return 1
+
+    def p_times(self, x: Array) -> Array:
+        return _p_times(self.b[None], x[None], self.stores_p)[0]
+
+    def factor_times(self, i: int, x: Array) -> Array:
+        return self.b @ x
+
+    def factor_inv_h_times(self, i: int, x: Array) -> Array:
+        return _inv_h_times(self.b, x)
+
+    def contract(self, i: int, x: Array) -> Statistic:
+        return Outer(x[:, None])
+
+    def factor_gram(self, i: int) -> Array:
+        return self.b @ jnp.conj(self.b.T)
+
+    def whitening_scale(self, i: int) -> Float[Array, ""]:
+        return jnp.ones((), real_dtype(self.b.dtype))
+
+
+class XMatQ(AbstractGeometryPrecond):
     """X-shaped preconditioner Q = diag(a) + antidiag(b) over a flattened parameter.
 
     Element i is coupled with its mirror n−1−i only, so (after a permutation) Q is block
@@ -54,6 +97,7 @@ class XMatQ(AbstractPrecond):
     middle: DiagQ | None
     shape: tuple[int, ...] = eqx.field(static=True)
     geometry: str = eqx.field(static=True)
+    _guards_finite: ClassVar[bool] = True
 
     def __check_init__(self):
         n = flat_size(self.shape)
@@ -116,16 +160,9 @@ class XMatQ(AbstractPrecond):
         return _unpairs(jnp.stack([self.blocks[:, 0, 1], self.blocks[:, 1, 0]], -1)
                         if m else jnp.zeros((0, 2), self.blocks.dtype), mid)
 
-    @property
-    def needs_v(self) -> bool:
-        return GeometrySpec(self.geometry).needs_v
-
     def _p_times(self, blocks: Array, x: Array) -> Array:
         """P·x for (m, 2) pairs x."""
-        y = jnp.einsum("kab,kb->ka", blocks, x)
-        if GeometrySpec(self.geometry).stores_p:
-            return y
-        return jnp.einsum("kba,kb->ka", jnp.conj(blocks), y)
+        return _p_times(blocks, x, GeometrySpec(self.geometry).stores_p)
 
     def apply(self, g: Shaped[Array, "..."]) -> Shaped[Array, "..."]:
         """P·g over the flattened parameter.
@@ -144,54 +181,42 @@ class XMatQ(AbstractPrecond):
         mid = None if self.middle is None else self.middle.apply(x[m : m + 1])
         return _unpairs(y, mid).reshape(g.shape).astype(g.dtype)
 
-    def update(
+    def _fit(
         self,
         v: Shaped[Array, "..."] | None,
         h: Shaped[Array, "..."],
         *,
         lr: ArrayLike,
         key: PRNGKeyArray,
-        normaliser: Normaliser | None = None,
-        balance_probability: float | ArrayLike = 0.01,
+        normaliser: Normaliser,
+        balance_probability: float | ArrayLike,
     ) -> "XMatQ":
-        """One step of every 2×2 block with the shared dense geometry rule.
-
-        **Arguments:** as [`psgd_eqx.KronQ.update`][] (`balance_probability` is unused).
-
-        **Returns:** the updated `XMatQ` (unchanged if the step would be non-finite).
-        """
+        """Every 2×2 block's step under one shared L (psgd_jax), then the middle element's
+        own guarded `DiagQ.update` (`balance_probability` is unused)."""
         del balance_probability
-        normaliser = Normaliser() if normaliser is None else normaliser
         spec = GeometrySpec(self.geometry)
-        if v is None and spec.needs_v:
-            raise ValueError(f"geometry {self.geometry!r} needs the probe `v` explicitly.")
-        check_fit_pair("XMatQ.update", self.shape, v, h)
         cd = compute_dtype(promote(self.blocks.dtype, h.dtype))
         rd = real_dtype(cd)
         m = self.blocks.shape[0]
         blocks = self.blocks.astype(cd)
         hf = h.reshape(-1).astype(cd)
         vf = None if v is None else v.reshape(-1).astype(cd)
-        x = _pairs(hf, m)
         vp = None if vf is None else _pairs(vf, m)
         k_ell, k_step, k_mid = jax.random.split(key, 3)
 
         def stats(b, xk, vk):
-            # c = 1: each 2×2 block sees a 2-vector with no other axes to contract.
-            if spec.name == "EQ":
-                inv_h_v = _inv_h_times(b, vk)  # Q⁻ᴴ v
-                return Outer((b @ xk)[:, None]), Outer(inv_h_v[:, None])
-            pg = self._p_times(b[None], xk[None])[0]
-            if spec.stats_carry_q:
-                t2 = b @ jnp.conj(b.T) if vk is None else Outer((b @ vk)[:, None])
-                return Outer((b @ pg)[:, None]), t2
-            return Outer(pg[:, None]), (jnp.ones((), rd) if vk is None else Outer(vk[:, None]))
+            ((t1, t2),) = fit_statistics(spec.name, _BlockContractions(b, spec.stores_p), xk, vk)
+            return t1, t2
 
-        in_v = None if vp is None else 0
-        t1, t2 = jax.vmap(stats, in_axes=(0, 0, in_v))(blocks, x, vp)
+        t1, t2 = jax.vmap(stats, in_axes=(0, 0, None if vp is None else 0))(
+            blocks, _pairs(hf, m), vp
+        )
+        # One L for all blocks: the largest of their norm bounds.
         ells = jax.vmap(lambda a, b: dense_lipschitz(a, b, k_ell, normaliser))(t1, t2)
         ell = jnp.max(ells) if m else jnp.zeros((), rd)
         big_l, eta = normaliser.step(self.lipschitz.astype(rd), ell, lr)
+        # EQ moves on the whole X group (psgd_jax's rule): each block's inverse is closed-
+        # form, so E is not restricted to its upper triangle as for a Kron factor.
         new_blocks = jax.vmap(
             lambda b, a1, a2: dense_step(
                 spec.name, b, a1, a2, eta, k_step, normaliser, triangular=False
@@ -201,9 +226,8 @@ class XMatQ(AbstractPrecond):
         if middle is not None:
             mid_v = None if vf is None else vf[m : m + 1]
             middle = middle.update(mid_v, hf[m : m + 1], lr=lr, key=k_mid, normaliser=normaliser)
-        new = XMatQ(new_blocks.astype(self.blocks.dtype), big_l.astype(self.lipschitz.dtype),
-                    middle, self.shape, self.geometry)
-        return keep_if_finite(new, self, h, v)
+        return XMatQ(new_blocks.astype(self.blocks.dtype), big_l.astype(self.lipschitz.dtype),
+                     middle, self.shape, self.geometry)
 
     def rescale(self, scale: ArrayLike) -> "XMatQ":
         """Q ← scale·Q.
