@@ -44,9 +44,17 @@ def test_quickstart(tmp_path, monkeypatch):
     assert out.exists() and out.stat().st_size > 0
     assert set(results) == {"kron", "adam"}
     for r in results.values():
-        acc = r["test_acc"]
-        assert isinstance(acc, float) and math.isfinite(acc) and 0.0 <= acc <= 1.0
         assert math.isfinite(r["initial_loss"]) and math.isfinite(r["final_loss"])
-        assert len(r["losses"]) == 30
-    kron = results["kron"]
-    assert kron["final_loss"] < kron["initial_loss"]
+        assert len(r["losses"]) == 30 and all(math.isfinite(x) for x in r["losses"])
+    # Both actually learn in the short run. Measured (30 steps, seed 0, CPU): kron 0.807
+    # test accuracy, full-train loss 2.308 -> 1.965 (x0.85), minibatch loss first-5 mean
+    # 2.305 -> last-5 mean 2.008 (x0.87); adam 0.911, 2.308 -> 0.198. Chance is 0.1 and
+    # ln 10 = 2.30: an optimizer that does not move, or moves the wrong way, fails these.
+    kron, adam = results["kron"], results["adam"]
+    assert kron["test_acc"] >= 0.6, kron["test_acc"]
+    assert kron["final_loss"] < 0.92 * kron["initial_loss"], (
+        kron["initial_loss"], kron["final_loss"])
+    losses = kron["losses"]
+    assert losses[-5:].mean() < 0.92 * losses[:5].mean(), (losses[:5], losses[-5:])
+    assert adam["test_acc"] >= 0.8, adam["test_acc"]
+    assert adam["final_loss"] < 0.5 * adam["initial_loss"]
