@@ -8,14 +8,16 @@ from ._alias import (
     affine as affine,
     dense as dense,
     diag as diag,
-    get_opt_state_partition_specs as get_opt_state_partition_specs,
-    kron as kron,
     lra as lra,
     psgd as psgd,
-    scale_by_kron as scale_by_kron,
     xmat as xmat,
 )
 from ._geometry import GEOMETRIES as GEOMETRIES
+from ._kron import (
+    get_opt_state_partition_specs as get_opt_state_partition_specs,
+    kron as kron,
+    scale_by_kron as scale_by_kron,
+)
 from ._norms import Normaliser as Normaliser
 from ._plan import LeafPlan as LeafPlan, kron_plan as kron_plan, plan_table as plan_table
 from ._precond import (
@@ -49,8 +51,8 @@ _MOVED = {
     "scanned_predicate": "psgd_eqx._plan",
     "damped_probe": "psgd_eqx._probe",
     "finite_difference_delta": "psgd_eqx._probe",
-    "init_scale_from_grads": "psgd_eqx._numerics",
-    "init_scale_from_hvp": "psgd_eqx._numerics",
+    "init_scale_from_grads": "psgd_eqx._init_scale",
+    "init_scale_from_hvp": "psgd_eqx._init_scale",
 }
 
 

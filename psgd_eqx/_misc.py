@@ -37,18 +37,12 @@ def concrete_or_same(x):
 
 
 def as_key(key) -> PRNGKeyArray:
-    """A PRNG key from a key, an int seed, or an int seed that `inject_hyperparams` turned
-    into a concrete array."""
-    if hasattr(key, "dtype") and jnp.ndim(key) == 0 and not jnp.issubdtype(
-        key.dtype, jax.dtypes.prng_key
-    ):
-        value = concrete(key)
-        if value is None:
-            raise ValueError(
-                "`key` is traced: an int seed must be concrete at `init` (with "
-                "`optax.inject_hyperparams`, pass it in `static_args`)."
-            )
-        key = int(value)
+    """A PRNG key from a key or an int seed (also an int seed that `inject_hyperparams`
+    turned into an array, concrete or traced)."""
+    if hasattr(key, "dtype") and not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if jnp.ndim(key) == 0:
+            return jax.random.PRNGKey(key)
+        return key  # raw uint32 key data
     if isinstance(key, int):
         return jax.random.PRNGKey(key)
     return key

@@ -16,6 +16,7 @@ Size-1 axes are squeezed before any rule is applied (a `(1, 64)` bias is a vecto
 """
 
 import dataclasses
+import inspect
 import itertools
 import math
 from collections.abc import Callable
@@ -27,8 +28,9 @@ import jax.numpy as jnp
 from jaxtyping import ArrayLike, PyTree
 
 from ._geometry import canonical_geometry
-from ._misc import concrete, init_int
+from ._misc import concrete
 from ._numerics import compute_dtype, real_dtype, storage_dtype
+from ._options import KRON, KRON_PLAN, Options, select, takes
 from ._shapes import block_pieces, squeezed_shape
 
 
@@ -56,41 +58,20 @@ def scanned_predicate(scanned_layers) -> "Callable[[Any, Any], bool]":
     return lambda path, leaf: flags.get(jax.tree_util.keystr(path), False)
 
 
-MEMORY_SAVE_MODES = (None, "one_diag", "smart_one_diag", "one_triu", "all_diag")
+STRUCTURE_RULES = (
+    "max_size_triangular", "min_ndim_triangular", "max_skew_triangular", "memory_save_mode"
+)
 
 
 def validate_structure_rules(
     max_size_triangular, min_ndim_triangular, max_skew_triangular, memory_save_mode
 ) -> None:
-    """Raise `ValueError` naming the argument for an invalid structure rule.
-
-    Array values (as `optax.inject_hyperparams` passes them) are read as numbers when
-    concrete and skipped when traced (the rules are only used at `init`).
-    """
-    max_size_triangular, min_ndim_triangular, max_skew_triangular = (
-        concrete(x) if hasattr(x, "dtype") else x
-        for x in (max_size_triangular, min_ndim_triangular, max_skew_triangular)
-    )
-    if max_size_triangular is None or min_ndim_triangular is None or max_skew_triangular is None:
-        return
-    if isinstance(min_ndim_triangular, float) and min_ndim_triangular.is_integer():
-        min_ndim_triangular = int(min_ndim_triangular)
-    if not isinstance(max_size_triangular, (int, float)) or max_size_triangular < 0:
-        raise ValueError(
-            f"`max_size_triangular` must be a number >= 0; got {max_size_triangular!r}."
-        )
-    if not isinstance(min_ndim_triangular, int) or min_ndim_triangular < 0:
-        raise ValueError(
-            f"`min_ndim_triangular` must be an int >= 0; got {min_ndim_triangular!r}."
-        )
-    if not isinstance(max_skew_triangular, (int, float)) or not max_skew_triangular >= 0:
-        raise ValueError(
-            f"`max_skew_triangular` must be a number >= 0; got {max_skew_triangular!r}."
-        )
-    if memory_save_mode not in MEMORY_SAVE_MODES:
-        raise ValueError(
-            f"`memory_save_mode` must be one of {MEMORY_SAVE_MODES}; got {memory_save_mode!r}."
-        )
+    """Raise `ValueError` naming the argument for an invalid structure rule (the checks of
+    the option list; traced values are skipped, the rules are only read at `init`)."""
+    values = dict(zip(STRUCTURE_RULES, (max_size_triangular, min_ndim_triangular,
+                                        max_skew_triangular, memory_save_mode)))
+    for option in select(KRON, STRUCTURE_RULES):
+        option.check(option.name, values[option.name])
 
 
 def dense_axes(
@@ -399,23 +380,11 @@ def plan_table(plan: PyTree) -> str:
     return "\n".join(rows)
 
 
-def kron_plan(
-    params: PyTree,
-    *,
-    max_size_triangular: ArrayLike = 8192,
-    min_ndim_triangular: ArrayLike = 2,
-    max_skew_triangular: ArrayLike = float("inf"),
-    memory_save_mode: str | None = None,
-    geometry: str = "PRO",
-    precond_dtype=None,
-    cache_preconditioner: bool = False,
-    scanned_layers: Any = None,
-    memory_budget_bytes: ArrayLike | None = None,
-    merge_small_dims: bool = False,
-    target_merged_dim_size: ArrayLike = 4096,
-    partition_grads_into_blocks: bool = False,
-    block_size: ArrayLike = 256,
-) -> PyTree[LeafPlan]:
+_PARAMS = (inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD),)
+
+
+@takes(select(KRON, KRON_PLAN), leading=_PARAMS)
+def kron_plan(o: Options) -> PyTree[LeafPlan]:
     """The per-leaf preconditioner plan `kron(...)` would build, from shapes alone.
 
     Nothing is printed by the optimizers; call this (and [`psgd_eqx.plan_table`][]) to
@@ -424,18 +393,7 @@ def kron_plan(
     **Arguments:**
 
     - `params`: a pytree of arrays or `jax.ShapeDtypeStruct`s.
-    - the structure keywords of [`psgd_eqx.kron`][] (same names, same defaults),
-        including `scanned_layers` and `memory_budget_bytes` (the largest dense factors
-        are demoted to diagonal until the total state fits; `ValueError` if even an
-        all-diagonal preconditioner does not).
-    - `merge_small_dims`, `target_merged_dim_size`: merge adjacent axes (of one layer,
-        after squeezing) into axes of at most this size, as coarsely as possible, where
-        the merged axis still gets a dense factor.
-    - `partition_grads_into_blocks`, `block_size`: cut every axis that is diagonal only
-        because it is longer than `max_size_triangular` into blocks of at most
-        `block_size`, each block with a dense factor (block-diagonal preconditioning of
-        that axis; see [`psgd_eqx.BlockedQ`][]). Blocks have (almost) equal lengths, so
-        nothing is padded.
+    {options}
 
     Merging and blocking never give a leaf factors with more entries than dense factors on
     each of its original (squeezed) axes would have, Σᵢ nᵢ²: a merge or a cut that
@@ -453,56 +411,25 @@ def kron_plan(
         print(psgd_eqx.plan_table(plan))
         ```
     """
-    rules = dict(
-        max_size_triangular=max_size_triangular,
-        min_ndim_triangular=min_ndim_triangular,
-        max_skew_triangular=max_skew_triangular,
-        memory_save_mode=memory_save_mode,
-    )
-    is_scanned = scanned_predicate(scanned_layers)
-    # Under `optax.inject_hyperparams` inside `jit` these arrive traced: fine while the
-    # option they size is off, an error (not a silent default) while it is on.
-    sizes = {}
-    for name, value, used, lo in (
-        ("target_merged_dim_size", target_merged_dim_size, merge_small_dims, 1),
-        ("block_size", block_size, partition_grads_into_blocks, 2),
-    ):
-        sizes[name] = init_int(name, value, lo)
-        if sizes[name] is None and used:
-            raise ValueError(
-                f"`{name}` must be a concrete int when its option is on; with "
-                f"`optax.inject_hyperparams`, pass it in `static_args`."
-            )
-    target_merged_dim_size = sizes["target_merged_dim_size"] or 1
-    block_size = sizes["block_size"] or 2
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    dtypes = [storage_dtype(p.dtype, precond_dtype) for _, p in flat]
+    rules = {name: o[name] for name in STRUCTURE_RULES}
+    is_scanned = scanned_predicate(o.scanned_layers)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(o.params)
+    dtypes = [storage_dtype(p.dtype, o.precond_dtype) for _, p in flat]
     plans = [
         leaf_plan(
             p.shape,
             dtype,
-            geometry=geometry,
-            cache_preconditioner=cache_preconditioner,
+            geometry=o.geometry,
+            cache_preconditioner=o.cache_preconditioner,
             scanned=is_scanned(path, p),
-            merge_small_dims=bool(merge_small_dims),
-            target_merged_dim_size=target_merged_dim_size,
-            partition_grads_into_blocks=bool(partition_grads_into_blocks),
-            block_size=block_size,
+            merge_small_dims=o.merge_small_dims,
+            target_merged_dim_size=o.target_merged_dim_size,
+            partition_grads_into_blocks=o.partition_grads_into_blocks,
+            block_size=o.block_size,
             **rules,
         )
         for (path, p), dtype in zip(flat, dtypes)
     ]
-    if hasattr(memory_budget_bytes, "dtype"):  # an array from inject_hyperparams
-        given = memory_budget_bytes
-        memory_budget_bytes = concrete(memory_budget_bytes)
-        if memory_budget_bytes is None or not float(memory_budget_bytes).is_integer():
-            raise ValueError(f"`memory_budget_bytes` must be a concrete int; got {given!r}.")
-        memory_budget_bytes = int(memory_budget_bytes)
-    if memory_budget_bytes is not None:
-        if isinstance(memory_budget_bytes, bool) or not isinstance(memory_budget_bytes, int) \
-                or memory_budget_bytes < 0:
-            raise ValueError(
-                f"`memory_budget_bytes` must be an int >= 0 or None; got {memory_budget_bytes!r}."
-            )
-        plans = _apply_budget(plans, dtypes, memory_budget_bytes, cache_preconditioner)
+    if o.memory_budget_bytes is not None:
+        plans = _apply_budget(plans, dtypes, int(o.memory_budget_bytes), o.cache_preconditioner)
     return jax.tree_util.tree_unflatten(treedef, plans)

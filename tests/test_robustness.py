@@ -17,7 +17,7 @@ import pytest
 
 import psgd_eqx
 from psgd_eqx import KronQ, PSGDState
-from psgd_eqx._numerics import init_scale_from_grads
+from psgd_eqx._init_scale import init_scale_from_grads
 
 from .helpers import spd, tree_finite
 

@@ -1,0 +1,41 @@
+"""The tail every alias chains after its PSGD transformation: optional global-norm clip,
+decoupled weight decay, learning rate (θ ← θ − lr·(u + wd·θ), as `optax.adamw`)."""
+
+import optax
+
+from ._misc import check_number, concrete
+
+
+def with_lr_and_decay(
+    scale: optax.GradientTransformationExtraArgs,
+    learning_rate,
+    weight_decay,
+    weight_decay_mask,
+    global_norm_clip=None,
+) -> optax.GradientTransformationExtraArgs:
+    """chain(scale, [clip_by_global_norm], [add_decayed_weights], scale_by_learning_rate).
+
+    **Arguments:**
+
+    - `scale`: the PSGD transformation.
+    - `learning_rate`: a number or an optax schedule (≥ 0).
+    - `weight_decay`, `weight_decay_mask`: as `optax.adamw` (≥ 0).
+    - `global_norm_clip`: clip the update's global norm first (`None` = off).
+
+    **Returns:** the chained `optax.GradientTransformationExtraArgs`.
+    """
+    for name, value in (("learning_rate", learning_rate), ("weight_decay", weight_decay)):
+        number = None if callable(value) else concrete(value)
+        if number is not None and not number >= 0:
+            raise ValueError(f"`{name}` must be >= 0; got {value!r}.")
+    parts = [scale]
+    if global_norm_clip is not None:
+        check_number("update_global_norm_clip", global_norm_clip, 0.0, float("inf"),
+                     lo_open=True)
+        parts.append(optax.clip_by_global_norm(global_norm_clip))
+    # Skip the no-op decay only for a Python 0: an array (inject_hyperparams) must give the
+    # same chain at init (concrete) and in update (traced).
+    if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
+        parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
+    parts.append(optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(*parts)
