@@ -1,17 +1,21 @@
 """Partition specs for the optimizer state, and sharded training on 8 simulated CPU devices."""
 
+import dataclasses
 import json
 import os
 import pathlib
 import subprocess
 import sys
+from typing import Any, ClassVar
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 
 import psgd_eqx
+from psgd_eqx import _sharding
 
 
 WORKER = pathlib.Path(__file__).with_name("sharding_worker.py")
@@ -76,6 +80,143 @@ def test_blocked_stack_is_sharded_like_the_cut_axis():
     assert isinstance(q, psgd_eqx.BlockedQ)
     # 8 blocks of (128, 64): the block axis takes "fsdp", the 64×64 factor cannot reuse it
     assert q.groups[0].factors == (P("fsdp"), P("fsdp"))
+
+
+class _Stub(psgd_eqx.AbstractPrecond):
+    """Trivial methods, so that the test structures below only declare fields."""
+
+    _guards_finite: ClassVar[bool] = False
+
+    def apply(self, g):
+        return g
+
+    def _fit(self, v, h, **kwargs):
+        return self
+
+    @property
+    def needs_v(self):
+        return False
+
+    def rescale(self, scale):
+        return self
+
+    def as_matrix(self):
+        raise NotImplementedError
+
+
+class _ScaledDiag(_Stub):  # not registered, flat
+    d: jax.Array
+    mat: jax.Array
+    scale: jax.Array
+    shape: tuple[int, ...] = eqx.field(static=True)
+
+
+class _Wrapper(_Stub):  # not registered, wraps another structure
+    inner: psgd_eqx.AbstractPrecond
+    shape: tuple[int, ...] = eqx.field(static=True)
+
+
+class _KronWithExtra(psgd_eqx.KronQ):
+    extra: Any = None
+
+
+class _StateWithExtra(psgd_eqx.PSGDState):
+    extra: Any = None
+
+
+def _fields(module) -> dict:
+    return {f.name: getattr(module, f.name) for f in dataclasses.fields(module)}
+
+
+def test_rule_tables_name_every_field():
+    # a field added to a structure (or the state) without a rule shows up here first
+    tables = {psgd_eqx.KronQ: _sharding.KRON_RULES, psgd_eqx.StackedQ: _sharding.STACKED_RULES,
+              psgd_eqx.BlockedQ: _sharding.BLOCKED_RULES, psgd_eqx.AffineQ: _sharding.AFFINE_RULES,
+              psgd_eqx.PSGDState: _sharding.STATE_RULES, **_sharding.FLAT_RULES}
+    for cls, rules in tables.items():
+        dynamic = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("static")}
+        assert set(rules) == dynamic, cls
+
+
+def test_extra_field_of_a_registered_structure_is_an_error():
+    base = psgd_eqx.KronQ.init((8, 4))
+    for extra in (jnp.zeros((8,)), None):  # the error does not depend on the value
+        q = _KronWithExtra(**_fields(base), extra=extra)
+        with pytest.raises(TypeError, match=r"\['extra'\] of `_KronWithExtra`"):
+            psgd_eqx.precond_partition_specs(q, (8, 4), P("fsdp"))
+    # inside a stack too: the dispatch recurses into the inner structure's own table
+    stacked = psgd_eqx.StackedQ(inner=jax.vmap(lambda _: _KronWithExtra(
+        **_fields(base), extra=jnp.zeros((8,))))(jnp.arange(3)), shape=(3, 8, 4))
+    with pytest.raises(TypeError, match="_KronWithExtra"):
+        psgd_eqx.precond_partition_specs(stacked, (3, 8, 4), P(None, "fsdp"))
+
+
+def test_extra_field_of_the_state_is_an_error():
+    params = {"w": jnp.zeros((8, 4))}
+    specs = {"w": P("fsdp")}
+    state = jax.eval_shape(psgd_eqx.kron().init, params)
+    st = _StateWithExtra(**_fields(state[0]), extra=jax.ShapeDtypeStruct((8, 4), jnp.float32))
+    with pytest.raises(TypeError, match=r"\['extra'\] of `_StateWithExtra`"):
+        psgd_eqx.state_partition_specs((st, *state[1:]), params, specs)
+    # the state itself: every field by name, nothing left over
+    out = psgd_eqx.state_partition_specs(state, params, specs)
+    assert jax.tree.structure(out, is_leaf=_is_p) == jax.tree.structure(state)
+
+
+def test_unregistered_flat_structure_gets_the_generic_rule():
+    q = _ScaledDiag(d=jnp.ones((8, 4)), mat=jnp.eye(8), scale=jnp.ones(()), shape=(8, 4))
+    mesh = _mesh([4, 2], ["fsdp", "tp"])
+    out = psgd_eqx.precond_partition_specs(q, (8, 4), P("fsdp", "tp"), mesh=mesh)
+    assert type(out) is _ScaledDiag and out.shape == (8, 4)
+    assert (out.d, out.mat, out.scale) == (P("fsdp", "tp"), P(), P())
+    out = psgd_eqx.precond_partition_specs(q, (8, 4), P("fsdp", "tp"), mesh=mesh,
+                                           preconditioner_partition_spec=P("tp", "fsdp"))
+    assert out.mat == P("tp", "fsdp")
+
+
+def test_unregistered_wrapper_is_an_error():
+    inner = psgd_eqx.KronQ.init((8, 4))
+    with pytest.raises(TypeError, match=r"`_Wrapper` wraps .*\['inner'\]"):
+        psgd_eqx.precond_partition_specs(_Wrapper(inner=inner, shape=(8, 4)), (8, 4), P())
+
+
+def test_a_registered_structure_gets_its_own_rule():
+    class RowScale(_Stub):
+        rows: jax.Array  # one scale per row of the parameter
+        lip: jax.Array
+        shape: tuple[int, ...] = eqx.field(static=True)
+
+    def rows_like_axis_0(value, q, ctx):
+        return ctx.spec(value.shape, [*ctx.batch, ctx.entries[ctx.offset]])
+
+    rules = {"rows": rows_like_axis_0, "lip": lambda value, q, ctx: P()}
+    _sharding.partition_spec_rule.register(
+        RowScale, lambda q, ctx: _sharding.specs_by_field(q, rules, ctx)
+    )
+    q = RowScale(rows=jnp.ones((8,)), lip=jnp.ones(()), shape=(8, 4))
+    out = psgd_eqx.precond_partition_specs(q, (8, 4), P("fsdp", "tp"))
+    assert type(out) is RowScale and (out.rows, out.lip) == (P("fsdp"), P())
+    # wrapped in a stack: the dispatch reaches the new rule with the layer axis prepended
+    stacked = psgd_eqx.StackedQ(
+        inner=RowScale(rows=jnp.ones((3, 8)), lip=jnp.ones((3,)), shape=(8, 4)),
+        shape=(3, 8, 4),
+    )
+    out = psgd_eqx.precond_partition_specs(stacked, (3, 8, 4), P("layers", "fsdp"))
+    assert (out.inner.rows, out.inner.lip) == (P("layers", "fsdp"), P())
+
+    # a rule that returns the wrong number of specs is caught, not passed on shifted
+    rules["rows"] = lambda value, q, ctx: (P(), P())
+    with pytest.raises(TypeError, match="do not match its structure"):
+        psgd_eqx.precond_partition_specs(q, (8, 4), P())
+
+
+def test_scalar_param_gets_a_replicated_factor():
+    # a scalar's 1×1 factor covers no parameter axis (this used to raise an IndexError)
+    params = {"s": jnp.zeros(()), "w": jnp.zeros((16, 8))}
+    kw = dict(params_partition_specs={"s": P(), "w": P("fsdp")})
+    specs = psgd_eqx.get_opt_state_partition_specs(params, mesh=_mesh([8], ["fsdp"]), **kw)
+    assert specs[0].precond["s"].factors == (P(),)
+    assert specs[0].precond["w"].factors == (P("fsdp"), P("fsdp"))
 
 
 @pytest.fixture(scope="module")
