@@ -465,9 +465,11 @@ def _state_context(params, pspecs, mesh, preconditioner_partition_spec) -> _Stat
         ])
 
     def precond(tree):
+        # An entry without arrays (`None`, or the `GlobalSlot` marker of a leaf in the
+        # global group) is its own spec tree: nothing to place, so nothing to misplace.
         qs = p_def.flatten_up_to(tree)
         return p_def.unflatten([
-            None if q is None else precond_partition_specs(
+            q if not jax.tree.leaves(q) else precond_partition_specs(
                 q, p.shape, s, mesh=mesh,
                 preconditioner_partition_spec=preconditioner_partition_spec,
             )

@@ -210,6 +210,17 @@ def test_a_registered_structure_gets_its_own_rule():
         psgd_eqx.precond_partition_specs(q, (8, 4), P())
 
 
+def test_global_group_is_replicated():
+    # every leaf in one global X-matrix: its entries in `precond` hold no arrays
+    params = {"w": jnp.zeros((16, 8)), "b": jnp.zeros((8,))}
+    state = jax.eval_shape(psgd_eqx.xmat().init, params)
+    specs = psgd_eqx.state_partition_specs(state, params, {"w": P("fsdp"), "b": P()},
+                                           mesh=_mesh([8], ["fsdp"]))
+    assert jax.tree.structure(specs, is_leaf=_is_p) == jax.tree.structure(state)
+    assert specs[0].mu == {"w": P("fsdp"), "b": P()}
+    assert all(s == P() for s in jax.tree.leaves(specs[0].global_precond, is_leaf=_is_p))
+
+
 def test_scalar_param_gets_a_replicated_factor():
     # a scalar's 1×1 factor covers no parameter axis (this used to raise an IndexError)
     params = {"s": jnp.zeros(()), "w": jnp.zeros((16, 8))}
