@@ -211,7 +211,7 @@ def _check_aligned(tree, specs) -> None:
     if want != got:
         raise TypeError(
             f"Partition specs of `{type(tree).__name__}` do not match its structure:\n"
-            f"  state: {want}\n  specs: {got}"
+            f"  tree:  {want}\n  specs: {got}"
         )
 
 
@@ -281,6 +281,7 @@ def _unregistered(q: AbstractPrecond, ctx: SpecContext) -> PyTree[P]:
     its stack axes would be read as parameter axes) without any sign of it.
     """
     names = _dynamic_fields(q)
+
     def wraps(value) -> bool:
         inner = jax.tree.leaves(value, is_leaf=lambda x: isinstance(x, AbstractPrecond))
         return any(isinstance(x, AbstractPrecond) for x in inner)
