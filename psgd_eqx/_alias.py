@@ -164,7 +164,7 @@ _PER_LEAF = Option("per_leaf", False,
 _PRECOND_DTYPE = Option("precond_dtype", None,
                         "storage dtype (default f32, or the params' if wider or complex).",
                         dtype_or_none)
-# psgd_jax's defaults for its xmat / LRA / affine optimizers: no update clipping.
+# psgd_jax's (affine) and the reference's (dense) default: no update clipping.
 _NO_CLIP = dict(grad_clip_max_amp=None, grad_clip_max_element=None)
 
 
@@ -204,12 +204,19 @@ def _build(o: Options, make: Callable, per_leaf: bool) -> optax.GradientTransfor
                 update_global_norm_clip=o.update_global_norm_clip, **kwargs)
 
 
-@_alias((_geometry("EQ"), _PER_LEAF, _PRECOND_DTYPE), 0.01, _NO_CLIP)
+# psgd_jax's unclipped xmat and LRA diverge to NaN at their default lr 0.01 on the 2-D
+# Rosenbrock function from (0, 0) (optax's contrib battery); with kron's clipping (RMS 2,
+# element 10) both converge there, and on the quadratics nothing changes.
+_CLIP = {}
+
+
+@_alias((_geometry("EQ"), _PER_LEAF, _PRECOND_DTYPE), 0.01, _CLIP)
 def xmat(o: Options) -> optax.GradientTransformationExtraArgs:
     """PSGD with the X-shaped preconditioner [`psgd_eqx.XMatQ`][] (psgd_jax's `xmat`).
 
-    One global X-matrix over all parameters (memory 2n), or one per leaf. Update clipping
-    is off by default, as in psgd_jax.
+    One global X-matrix over all parameters (memory 2n), or one per leaf. Unlike psgd_jax,
+    the update is clipped by default (RMS 2, element 10, as `kron`): unclipped, the default
+    lr diverges on the Rosenbrock function.
 
     **Arguments:**
 
@@ -232,10 +239,13 @@ _UVD = Option("uvd_rank_of_approximation", None, "psgd_jax's name for `rank`.",
               integer(0, optional=True))
 
 
-@_alias((_RANK, _PER_LEAF, _PRECOND_DTYPE), 0.01, _NO_CLIP, legacy=(_UVD,))
+@_alias((_RANK, _PER_LEAF, _PRECOND_DTYPE), 0.01, _CLIP, legacy=(_UVD,))
 def lra(o: Options) -> optax.GradientTransformationExtraArgs:
     """PSGD with the low-rank-approximation preconditioner [`psgd_eqx.LRAQ`][]
     (psgd_jax's `low_rank_approximation`, the reference's `LRAWhiten`/`LRANewton`).
+
+    The update is clipped by default (RMS 2, element 10, as `kron`; psgd_jax's unclipped
+    default diverges on the Rosenbrock function).
 
     **Arguments:**
 

@@ -12,6 +12,7 @@ import optax
 import pytest
 
 import psgd_eqx as pe
+from psgd_eqx._global import GlobalSlot
 from psgd_eqx import GLOBAL, LRAQ, AffineQ, DenseQ, DiagQ, KronQ, PSGDState, XMatQ
 
 from .helpers import tree_finite
@@ -30,7 +31,7 @@ def _psgd_state(opt_state) -> PSGDState:
 
 
 def _is_precond(x) -> bool:
-    return x is None or isinstance(x, pe.AbstractPrecond)
+    return x is None or isinstance(x, (pe.AbstractPrecond, GlobalSlot))
 
 
 def _name(path) -> str:
@@ -129,7 +130,7 @@ def test_mixed_structure_trains_and_serialises(global_kind):
     assert [f.shape for f in pc["attn"].factors] == [(4, 4), (4, 4)]
     assert isinstance(pc["head"], DenseQ) and pc["head"].q.shape == (12, 12)
     for name in ("bias", "ln_scale", "ln_bias", "gate"):
-        assert pc[name] is None
+        assert isinstance(pc[name], GlobalSlot)  # in the global group: no arrays of its own
     flat_names = [_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     assert st.global_mask == tuple(n in ("['gate']", "['ln_bias']", "['ln_scale']")
                                    for n in flat_names)
@@ -262,7 +263,8 @@ def test_per_leaf_state(alias, cls):
     glob = _psgd_state(alias(0.01).init(_SMALL))
     assert isinstance(glob.global_precond, cls) and glob.global_precond.shape == (n,)
     assert glob.global_mask == (True, True, True)
-    assert all(q is None for q in jax.tree.leaves(glob.precond, is_leaf=_is_precond))
+    assert all(isinstance(q, GlobalSlot)
+               for q in jax.tree.leaves(glob.precond, is_leaf=_is_precond))
     assert glob.mu is not None
 
     per = _psgd_state(alias(0.01, per_leaf=True).init(_SMALL))
