@@ -25,6 +25,7 @@ from ._options import (
     TRANSFORM,
     Option,
     Options,
+    Static,
     at_least_zero,
     boolean,
     dtype_or_none,
@@ -34,6 +35,7 @@ from ._options import (
     nonneg_number,
     replace_defaults,
     takes,
+    unwrap,
 )
 from ._precond import LRAQ, AffineQ, DenseQ, DiagQ, XMatQ
 from ._shapes import affine_dense_sides
@@ -95,7 +97,7 @@ def psgd(
     structure: Callable[[Any, Any], Any],
     *,
     global_structure: Callable[[int, Any], Any] | None = None,
-    weight_decay: ArrayLike = 0.0,
+    weight_decay: ArrayLike | Static = Static(0.0),
     weight_decay_mask: Any = None,
     update_global_norm_clip: float | None = None,
     **kwargs,
@@ -136,6 +138,9 @@ def psgd(
                             global_structure=lambda n, dt: psgd_eqx.DenseQ.init(n, dt))
         ```
     """
+    # weight_decay's default is `Static(0.0)`: not injected by `inject_hyperparams`, so the
+    # injected optimizer's chain also leaves out the no-op decay
+    weight_decay = unwrap(weight_decay)
     kwargs = _legacy_kwargs(kwargs)
     scale = scale_by_psgd(structure, global_structure=global_structure, **kwargs)
     return with_lr_and_decay(
@@ -147,7 +152,7 @@ def psgd(
 
 _PSGD_OPTIONS = (
     Option("weight_decay", 0.0, "decoupled (lr-scaled) weight decay, as `optax.adamw`.",
-           at_least_zero),
+           at_least_zero, inject_default=False),
     Option("weight_decay_mask", None, "a pytree of bools or a callable, as `optax.adamw`."),
     Option("update_global_norm_clip", None,
            "clip the preconditioned update's global norm (psgd_jax's option; `None` = off).",

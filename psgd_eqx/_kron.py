@@ -13,7 +13,16 @@ from jax.sharding import PartitionSpec
 from jaxtyping import PyTree
 
 from ._numerics import storage_dtype
-from ._options import KRON, KRON_PLAN, SCALE_BY_KRON, TRANSFORM, Options, names, takes
+from ._options import (
+    KRON,
+    KRON_ALIAS_ONLY,
+    KRON_PLAN,
+    SCALE_BY_KRON,
+    TRANSFORM,
+    Options,
+    names,
+    takes,
+)
 from ._plan import LeafPlan, kron_plan
 from ._precond import BlockedQ, KronQ, StackedQ
 from ._sharding import state_partition_specs
@@ -142,12 +151,15 @@ def kron(o: Options) -> optax.GradientTransformationExtraArgs:
     return with_lr_and_decay(scale, o.learning_rate, o.weight_decay, o.weight_decay_mask)
 
 
-def _read_mesh_and_kwargs(scale_by_kron_only: bool, kwargs: dict) -> dict:
-    allowed = set(names(SCALE_BY_KRON if scale_by_kron_only else KRON))
-    unknown = sorted(set(kwargs) - allowed)
+def _factory_kwargs(scale_by_kron_only: bool, kwargs: dict) -> dict:
+    """The options to build the optimizer with: any of `kron`'s (a `TypeError` names any
+    other); `kron`'s own (lr, weight decay), which do not shape `scale_by_kron`'s state,
+    are dropped for `scale_by_kron_only`, so one keyword set serves both."""
+    unknown = sorted(set(kwargs) - set(names(KRON)))
     if unknown:
-        target = "scale_by_kron" if scale_by_kron_only else "kron"
-        raise TypeError(f"get_opt_state_partition_specs: {unknown} are not options of {target}.")
+        raise TypeError(f"get_opt_state_partition_specs: {unknown} are not options of kron.")
+    if scale_by_kron_only:
+        kwargs = {k: v for k, v in kwargs.items() if k not in KRON_ALIAS_ONLY}
     return kwargs
 
 
@@ -191,7 +203,7 @@ def get_opt_state_partition_specs(o: Options) -> PyTree[PartitionSpec]:
         state = jax.jit(opt.init, out_shardings=shardings)(params)
         ```
     """
-    kwargs = _read_mesh_and_kwargs(o.scale_by_kron_only, o.kwargs)
+    kwargs = _factory_kwargs(o.scale_by_kron_only, o.kwargs)
     factory = scale_by_kron if o.scale_by_kron_only else kron
     shapes = jax.eval_shape(factory(**kwargs).init, o.params)
     return state_partition_specs(

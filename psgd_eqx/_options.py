@@ -66,6 +66,10 @@ class Option:
       skipped for traced values (they cannot be read) except where `static` says the value
       must be concrete.
     - `static`: the option fixes shapes or control flow (see the module docstring).
+    - `inject_default`: `False` keeps `optax.inject_hyperparams` from injecting the
+        *default* (given explicitly, the value is injected as usual): for a default that
+        decides the optimizer's structure, e.g. weight decay 0 = no decay transform, so
+        that a plain and an injected optimizer have the same state structure.
     """
 
     name: str
@@ -73,6 +77,7 @@ class Option:
     doc: str
     check: Check | None = None
     static: bool = False
+    inject_default: bool = True
 
 
 # -- checks ----------------------------------------------------------------------------
@@ -182,7 +187,8 @@ def replace_defaults(options: Sequence[Option], **defaults) -> tuple[Option, ...
 
 
 def parameter(option: Option, kind) -> inspect.Parameter:
-    default = Static(option.default) if option.static else option.default
+    keep = option.static or not option.inject_default
+    default = Static(option.default) if keep else option.default
     return inspect.Parameter(option.name, kind, default=default)
 
 
@@ -370,7 +376,7 @@ KRON: tuple[Option, ...] = (
            "update has roughly Adam's scale).", at_least_zero),
     _t("b1"),
     Option("weight_decay", 0.0, "decoupled (lr-scaled) weight decay, ≥ 0, as `optax.adamw`.",
-           at_least_zero),
+           at_least_zero, inject_default=False),
     Option("weight_decay_mask", None, "a pytree of bools or a callable, as in `optax.adamw`."),
     _t("preconditioner_update_probability"),
     Option("max_size_triangular", 8192, "axes longer than this get a diagonal factor.",
