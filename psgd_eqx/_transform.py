@@ -72,8 +72,10 @@ class PSGDState(eqx.Module):
     @property
     def global_mask(self) -> tuple[bool, ...]:
         """Per leaf, in flattening order, whether it is in the global group."""
-        leaves = jax.tree.leaves(self.precond, is_leaf=_global.is_slot)
-        return tuple(_global.is_slot(x) for x in leaves)
+        def entry(x):  # one per parameter leaf: a preconditioner, None or a slot
+            return x is None or isinstance(x, (AbstractPrecond, GlobalSlot))
+
+        return tuple(_global.is_slot(x) for x in jax.tree.leaves(self.precond, is_leaf=entry))
 
 
 def _normaliser(o: Options) -> Normaliser:

@@ -129,7 +129,8 @@ def test_mixed_structure_trains_and_serialises(global_kind):
     assert isinstance(pc["attn"], KronQ) and pc["attn"].dense == (True, True)
     assert [f.shape for f in pc["attn"].factors] == [(4, 4), (4, 4)]
     assert isinstance(pc["head"], DenseQ) and pc["head"].q.shape == (12, 12)
-    for name in ("bias", "ln_scale", "ln_bias", "gate"):
+    assert pc["bias"] is None  # plain momentum
+    for name in ("ln_scale", "ln_bias", "gate"):
         assert isinstance(pc[name], GlobalSlot)  # in the global group: no arrays of its own
     flat_names = [_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
     assert st.global_mask == tuple(n in ("['gate']", "['ln_bias']", "['ln_scale']")
