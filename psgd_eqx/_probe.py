@@ -25,8 +25,9 @@ def damped_probe(
 ) -> tuple[Array, Array]:
     """Return `(v, h)` with `h = x + (δ + eps·|x|) ⊙ v`, in single precision or wider.
 
-    The noise is computed in f32 whatever the dtype of `x` (bf16's eps = 7.8e-3 would swamp
-    the signal), and `eps` is the f32 machine epsilon.
+    The noise is computed in the compute dtype (f32, or f64 for f64 inputs) whatever the
+    dtype of `x` (bf16's eps = 7.8e-3 would swamp the signal), and `eps` is that dtype's
+    machine epsilon.
 
     **Arguments:**
 

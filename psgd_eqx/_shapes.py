@@ -59,7 +59,7 @@ def affine_dense_sides(
 
     **Arguments:**
 
-    - `matrix_shape`: `(m, k)` from [`psgd_eqx.matrix_view`][].
+    - `matrix_shape`: `(m, k)` from `matrix_view`.
     - `max_size_triangular`, `max_skew_triangular`: the rule's thresholds.
 
     **Returns:** `(left_dense, right_dense)`.
