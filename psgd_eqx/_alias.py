@@ -25,7 +25,6 @@ from ._options import (
     TRANSFORM,
     Option,
     Options,
-    Static,
     at_least_zero,
     boolean,
     dtype_or_none,
@@ -35,7 +34,6 @@ from ._options import (
     nonneg_number,
     replace_defaults,
     takes,
-    unwrap,
 )
 from ._precond import LRAQ, AffineQ, DenseQ, DiagQ, XMatQ
 from ._shapes import affine_dense_sides
@@ -97,7 +95,7 @@ def psgd(
     structure: Callable[[Any, Any], Any],
     *,
     global_structure: Callable[[int, Any], Any] | None = None,
-    weight_decay: ArrayLike | Static = Static(0.0),
+    weight_decay: ArrayLike = 0.0,
     weight_decay_mask: Any = None,
     update_global_norm_clip: float | None = None,
     **kwargs,
@@ -138,9 +136,6 @@ def psgd(
                             global_structure=lambda n, dt: psgd_eqx.DenseQ.init(n, dt))
         ```
     """
-    # weight_decay's default is `Static(0.0)`: not injected by `inject_hyperparams`, so the
-    # injected optimizer's chain also leaves out the no-op decay
-    weight_decay = unwrap(weight_decay)
     kwargs = _legacy_kwargs(kwargs)
     scale = scale_by_psgd(structure, global_structure=global_structure, **kwargs)
     return with_lr_and_decay(
