@@ -306,3 +306,56 @@ def test_balance_preserves_product(getkey):
     np.testing.assert_allclose(jnp.kron(na.T @ na, jnp.diag(nb**2)),
                                jnp.kron(a.T @ a, jnp.diag(b**2)), rtol=1e-4)
     np.testing.assert_allclose(jnp.max(jnp.abs(na)), jnp.max(jnp.abs(nb)), rtol=1e-5)
+
+
+# -- the statistics of each geometry (`_geometry.fit_statistics`) ------------------------
+
+
+@pytest.mark.parametrize("with_v", [True, False])
+@pytest.mark.parametrize("geometry", ["EQ", "QEP", "PRO", "PRO4P"])
+def test_fit_statistics_follow_the_geometry_table(geometry, with_v):
+    """`fit_statistics` on KronQ's primitives against the module table, written out with
+    explicit Kronecker matrices for Q = Q₀ ⊗ diag(q₁) on a (3, 4) tensor: T₁, T₂ contract
+    Q·h, Q⁻ᴴ·v (EQ), Qᵢ·(P·h), Qᵢ·v (QEP) or P·h, v (the others); integrated out,
+    T₂ = c·QᵢQᵢᴴ (QEP) or c·I, c = N/nᵢ."""
+    from psgd_eqx._geometry import Outer, fit_statistics
+    from psgd_eqx._precond.kron import _KronContractions
+
+    k = jax.random.split(jax.random.PRNGKey(0), 4)
+    q0 = jnp.triu(0.3 * jax.random.normal(k[0], (3, 3))) + 1.5 * jnp.eye(3)
+    q1 = 1.0 + 0.5 * jax.random.uniform(k[1], (4,))
+    h = jax.random.normal(k[2], (3, 4))
+    v = jax.random.normal(k[3], (3, 4)) if with_v else None
+    stores_p = geometry == "PRO4P"
+    ops = _KronContractions((q0, q1), None, (True, False), stores_p)
+    if v is None and geometry == "EQ":
+        with pytest.raises(ValueError, match="needs the probe"):
+            fit_statistics(geometry, ops, h, v)
+        return
+    stats = fit_statistics(geometry, ops, h, v)
+
+    f64 = lambda x: np.asarray(x, np.float64)  # noqa: E731
+    q0n, q1n, hn = f64(q0), f64(q1), f64(h).reshape(-1)
+    big_q = np.kron(q0n, np.diag(q1n))
+    big_p = big_q if stores_p else big_q.T @ big_q
+    per_axis = (lambda x: x @ x.T, lambda x: np.sum(x * x, axis=0))  # Contract₀, Contract₁
+    carry = (lambda x: q0n @ x, lambda x: x * q1n[None, :])  # Qᵢ along axis i
+    if geometry == "EQ":
+        a = (big_q @ hn).reshape(3, 4)
+        b = (np.linalg.inv(big_q).T @ f64(v).reshape(-1)).reshape(3, 4)
+        want = [(c(a), c(b)) for c in per_axis]
+    else:
+        pg = (big_p @ hn).reshape(3, 4)
+        qep = geometry == "QEP"
+        want = []
+        for i, (c, n, qq) in enumerate(zip(per_axis, (4, 3), (q0n @ q0n.T, q1n * q1n))):
+            t1 = c(carry[i](pg) if qep else pg)
+            if v is not None:
+                t2 = c(carry[i](f64(v)) if qep else f64(v))
+            else:
+                t2 = n * qq if qep else np.float64(n)
+            want.append((t1, t2))
+    for (t1, t2), (w1, w2) in zip(stats, want):
+        for got, ref in ((t1, w1), (t2, w2)):
+            got = got.matrix() if isinstance(got, Outer) else got
+            np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-5)

@@ -731,3 +731,42 @@ def test_affine_kron_diag_validation():
         DiagQ(d.d, d.lipschitz, "bad")
     with _raises("DiagQ.apply"):
         d.apply(jnp.ones(4))
+
+
+# -- the shared `update` template -----------------------------------------------------------
+
+
+def test_update_template_guard_switch():
+    """`AbstractPrecond.update` skips a non-finite step as a whole for the structures with
+    their own fit; the composites leave that to their inner `update`s (per layer/block)."""
+    for cls in (KronQ, DiagQ, DenseQ, XMatQ, LRAQ):
+        assert cls._guards_finite, cls
+    for cls in (AffineQ, pe.StackedQ, pe.BlockedQ):
+        assert not cls._guards_finite, cls
+    shape = (2, 3)
+    h = jnp.ones(shape).at[0, 0].set(jnp.nan)
+    for q in (KronQ.init(shape), DiagQ.init(shape), DenseQ.init(shape), XMatQ.init(shape),
+              LRAQ.init(shape, rank=1), AffineQ.init(shape)):
+        new = q.update(jnp.ones(shape), h, lr=0.3, key=jax.random.PRNGKey(0))
+        assert eqx.tree_equal(new, q), type(q).__name__
+
+
+def test_blocked_non_finite_block_is_skipped_alone():
+    shape = (8, 3)
+    q = pe.BlockedQ.init(lambda s: KronQ.init(s), shape, shape, 4)  # two 4×3 blocks
+    (group,) = q.groups
+    h = jax.random.normal(jax.random.PRNGKey(1), shape).at[5, 1].set(jnp.nan)
+    new = q.update(None, h, lr=0.3, key=jax.random.PRNGKey(2))
+    moved = [not eqx.tree_equal(jax.tree.map(lambda x: x[i], new.groups[0]),
+                                jax.tree.map(lambda x: x[i], group)) for i in range(2)]
+    assert moved == [True, False]
+    assert tree_finite(new)
+
+
+def test_composite_needs_v_names_the_structure():
+    inner = lambda s: KronQ.init(s, geometry="EQ")  # noqa: E731
+    for q in (pe.StackedQ.init(inner, (2, 3, 4)), pe.BlockedQ.init(inner, (8, 3), (8, 3), 4),
+              AffineQ.init((3, 4), geometry="EQ")):
+        name = type(q).__name__
+        with _raises(rf"`{name}\.update` needs the probe `v`"):
+            q.update(None, jnp.ones(q.shape), lr=0.1, key=jax.random.PRNGKey(0))
