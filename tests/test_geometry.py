@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import psgd_eqx as pe
+from psgd_eqx._probe import damped_probe
 
 from .helpers import mpow, spd
 
@@ -15,7 +16,7 @@ def _fit(q, sample, lr, steps, key, normaliser=pe.Normaliser()):
 
     def body(q, k):
         kz, kp, ku = jax.random.split(k, 3)
-        v, h = pe.damped_probe(kp, sample(kz))
+        v, h = damped_probe(kp, sample(kz))
         q = q.update(v if q.needs_v else None, h, lr=lr, key=ku, normaliser=normaliser)
         return q, None
 

@@ -128,3 +128,37 @@ def test_kron_builds_the_budgeted_plan():
         p.state_bytes for p in jax.tree.leaves(plan, is_leaf=lambda x: isinstance(x, pe.LeafPlan))
     )
     assert nbytes <= budget
+
+
+@pytest.mark.parametrize(
+    "param_dtype, precond_dtype",
+    [
+        (jnp.float32, None),
+        (jnp.float32, jnp.bfloat16),
+        (jnp.bfloat16, None),
+        (jnp.complex64, None),
+        (jnp.complex64, jnp.bfloat16),  # stored as c64: one storage rule for plan and build
+    ],
+)
+def test_plan_bytes_equal_built_bytes(param_dtype, precond_dtype):
+    params = {
+        "w": jnp.zeros((12, 5), param_dtype),
+        "b": jnp.zeros((5,), param_dtype),
+        "t": jnp.zeros((3, 4, 2), param_dtype),
+        "stack": jnp.zeros((2, 6, 6), param_dtype),
+    }
+    kw = dict(precond_dtype=precond_dtype, cache_preconditioner=True,
+              scanned_layers=lambda path, leaf: "stack" in jax.tree_util.keystr(path))
+    plan = pe.kron_plan(params, **kw)
+    state = pe.scale_by_kron(**kw).init(params)
+    built = {
+        jax.tree_util.keystr(path): q.state_bytes
+        for path, q in jax.tree_util.tree_flatten_with_path(
+            state.precond, is_leaf=lambda x: isinstance(x, pe.AbstractPrecond))[0]
+    }
+    planned = {
+        jax.tree_util.keystr(path): lp.state_bytes
+        for path, lp in jax.tree_util.tree_flatten_with_path(
+            plan, is_leaf=lambda x: isinstance(x, pe.LeafPlan))[0]
+    }
+    assert planned == built

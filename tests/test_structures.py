@@ -22,6 +22,7 @@ import pytest
 
 import psgd_eqx as pe
 from psgd_eqx import LRAQ, AffineQ, DenseQ, DiagQ, KronQ, XMatQ
+from psgd_eqx._shapes import matrix_view
 
 from .helpers import spd, tree_finite
 
@@ -96,7 +97,7 @@ def _fit_many(cases: dict, key):
 def _matrix_view_conj(shape):
     """Conjugate an operator on AffineQ's matrix view back to the flat original parameter,
     written independently of `AffineQ.as_matrix`: M ↦ Πᵀ M Π, Π the flat permutation."""
-    perm, _ = pe.matrix_view(shape)
+    perm, _ = matrix_view(shape)
     n = math.prod(shape)
     idx = np.transpose(np.arange(n).reshape(shape), perm).reshape(-1)
     pi = np.zeros((n, n), np.float32)
@@ -131,7 +132,7 @@ def _lra_spd(seed: int, n: int, rank: int, spread: float = 0.3, strength: float 
 
 def _affine_spd(shape, cond: float, seed: int):
     """For AffineQ on `shape`: S = A ⊗ B on the matrix view, as a flat-index operator."""
-    _, (m, k) = pe.matrix_view(shape)
+    _, (m, k) = matrix_view(shape)
     ka, kb = jax.random.split(jax.random.PRNGKey(seed))
     a = spd(ka, m, cond) if m > 1 else jnp.ones((1, 1), jnp.float32)
     return _matrix_view_conj(shape)(jnp.kron(a, spd(kb, k, cond)))
@@ -240,7 +241,7 @@ def test_affine_as_matrix_permutes_like_matrix_view():
     """(2, 6, 3) is seen as the 6×6 matrix of the transpose (0, 2, 1): P on the original
     flat index is Πᵀ (P_L ⊗ P_R) Π."""
     shape = (2, 6, 3)
-    assert pe.matrix_view(shape) == ((0, 2, 1), (6, 6))
+    assert matrix_view(shape) == ((0, 2, 1), (6, 6))
     q = _fitted("fast")["affine_3d_perm"]
     assert q.kron.shape == (6, 6) and q.perm == (0, 2, 1)
     np.testing.assert_allclose(q.as_matrix(), _matrix_view_conj(shape)(q.kron.as_matrix()),

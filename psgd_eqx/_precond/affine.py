@@ -14,10 +14,11 @@ class AffineQ(AbstractGeometryPrecond):
     """Affine-group preconditioner: Q = Q_left ⊗ Q_right on the parameter seen as a matrix.
 
     The seed's `affine` (psgd_jax): scalars and vectors are a `(1, n)` row, matrices stay,
-    higher-order tensors are transposed and reshaped to the matrix with the smallest
-    two-factor memory ([`psgd_eqx.matrix_view`][]). Each side is dense (triangular for
-    `EQ`) or diagonal by `max_size_triangular`/`max_skew_triangular`. All the maths is a
-    two-factor [`psgd_eqx.KronQ`][] (field `kron`) on that matrix, so every geometry works.
+    higher-order tensors are transposed and reshaped to the (m, k) matrix with the smallest
+    two-factor memory m² + k² (the identity order winning ties). Each side is dense
+    (triangular for `EQ`) or diagonal by `max_size_triangular`/`max_skew_triangular`. All
+    the maths is a two-factor [`psgd_eqx.KronQ`][] (field `kron`) on that matrix, so every
+    geometry works.
     """
 
     kron: KronQ
