@@ -528,3 +528,17 @@ def test_odd_leaves_scalar_unit_and_empty(name):
         values.append(float(value))
     assert p["e"].shape == (0, 3)
     assert all(math.isfinite(v) for v in values) and values[-1] < values[0]
+
+
+@pytest.mark.parametrize("per_leaf", [False, True])
+def test_two_inits_of_one_lra_optimizer_are_identical(per_leaf):
+    params = {"a": jnp.ones((5, 3)), "b": jnp.ones((7,))}
+    opt = pe.lra(1e-2, rank=2, per_leaf=per_leaf)
+    first, second = opt.init(params), opt.init(params)
+    assert eqx.tree_equal(first, second) is True
+    us = [x.u for x in jax.tree.leaves(_psgd_state(first),
+                                       is_leaf=lambda x: isinstance(x, LRAQ))
+          if isinstance(x, LRAQ)]
+    assert all(float(jnp.abs(u).max()) > 0 for u in us)  # U is drawn, not zero
+    if per_leaf:  # different leaves draw different U
+        assert not jnp.allclose(us[0].reshape(-1)[:4], us[1].reshape(-1)[:4])
