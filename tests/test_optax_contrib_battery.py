@@ -521,7 +521,7 @@ class _ContribTestAll(parameterized.TestCase):
 _DEFAULT = {
     'test_optimizers_accept_extra_args': ('kron_nowrap', 'dense_nowrap'),
     'test_optimizers': ('kron_matrix_parabola_float32', 'diag_parabola_float32',
-                        'dense_mixed_tensor_target_float32'),
+                        'dense_mixed_tensor_target_float32', 'xmat_rosenbrock_float32'),
     'test_optimizers_can_be_wrapped_in_inject_hyperparams': _ALIASES,
     'test_preserve_dtype': ('kron_bfloat16', 'affine_bfloat16', 'lra_bfloat16',
                             'xmat_float32'),
