@@ -40,6 +40,7 @@ global dense Q, which are never formed as n×n matrices).
 """
 
 import abc
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -194,6 +195,39 @@ class AbstractContractions(eqx.Module):
     @abc.abstractmethod
     def whitening_scale(self, i: int) -> Float[Array, ""]:
         """c = N/nᵢ, the integrated-out E[v vᴴ] contracted over the other axes (real)."""
+
+
+class MatrixContractions(AbstractContractions):
+    """The primitives of one dense factor acting on a whole vector (no other axes to
+    contract, so c = 1): `DenseQ`'s Q and each 2×2 block of `XMatQ`. Its statistics are
+    rank-1 `Outer` products; the structure supplies only Q⁻ᴴx (`solve_h`)."""
+
+    q: Array
+    stores_p: bool = eqx.field(static=True)
+    solve_h: Callable[[Array, Array], Array] = eqx.field(static=True)
+
+    @property
+    def num_factors(self) -> int:
+        return 1
+
+    def p_times(self, x: Array) -> Array:
+        q = self.q
+        return q @ x if self.stores_p else jnp.conj(q.T) @ (q @ x)
+
+    def factor_times(self, i: int, x: Array) -> Array:
+        return self.q @ x
+
+    def factor_inv_h_times(self, i: int, x: Array) -> Array:
+        return self.solve_h(self.q, x)
+
+    def contract(self, i: int, x: Array) -> "Statistic":
+        return Outer(x[:, None])
+
+    def factor_gram(self, i: int) -> Array:
+        return self.q @ jnp.conj(self.q.T)
+
+    def whitening_scale(self, i: int) -> Float[Array, ""]:
+        return jnp.ones((), real_dtype(self.q.dtype))
 
 
 def fit_statistics(

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PRNGKeyArray, Shaped
 
-from .._geometry import GeometrySpec
+from .._geometry import GEOMETRIES, GeometrySpec
 from .._norms import Normaliser
 from .._numerics import all_finite
 
@@ -190,6 +190,12 @@ class AbstractGeometryPrecond(AbstractPrecond):
     its `KronQ`): whether it needs v is the geometry's."""
 
     geometry: eqx.AbstractVar[str]
+
+    def __check_init__(self):
+        if self.geometry not in GEOMETRIES:
+            raise ValueError(
+                f"`{type(self).__name__}(geometry=...)` unknown geometry {self.geometry!r}."
+            )
 
     @property
     def needs_v(self) -> bool:

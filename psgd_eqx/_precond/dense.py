@@ -5,11 +5,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
 from .._geometry import (
-    GEOMETRIES,
-    AbstractContractions,
     GeometrySpec,
-    Outer,
-    Statistic,
+    MatrixContractions,
     canonical_geometry,
     fit_factor,
     fit_statistics,
@@ -23,36 +20,6 @@ from .base import AbstractGeometryPrecond, as_shape, check_shape, flat_size
 def _p_times(q: Array, x: Array, stores_p: bool) -> Array:
     """P·x for one dense factor: QᴴQx, or Qx when the factor is P itself."""
     return q @ x if stores_p else jnp.conj(q.T) @ (q @ x)
-
-
-class _DenseContractions(AbstractContractions):
-    """`DenseQ`'s primitives: one dense factor over the whole vector (c = N/n = 1), whose
-    statistics are the rank-1 `Outer` products of single vectors."""
-
-    q: Array
-    stores_p: bool = eqx.field(static=True)
-
-    @property
-    def num_factors(self) -> int:
-        return 1
-
-    def p_times(self, x: Array) -> Array:
-        return _p_times(self.q, x, self.stores_p)
-
-    def factor_times(self, i: int, x: Array) -> Array:
-        return self.q @ x
-
-    def factor_inv_h_times(self, i: int, x: Array) -> Array:
-        return solve_upper_h(self.q, x)
-
-    def contract(self, i: int, x: Array) -> Statistic:
-        return Outer(x[:, None])
-
-    def factor_gram(self, i: int) -> Array:
-        return self.q @ jnp.conj(self.q.T)
-
-    def whitening_scale(self, i: int) -> Float[Array, ""]:
-        return jnp.ones((), real_dtype(self.q.dtype))
 
 
 class DenseQ(AbstractGeometryPrecond):
@@ -86,8 +53,6 @@ class DenseQ(AbstractGeometryPrecond):
             raise ValueError(
                 f"`DenseQ(lipschitz=...)` must be a scalar; got {self.lipschitz.shape}."
             )
-        if self.geometry not in GEOMETRIES:
-            raise ValueError(f"`DenseQ(geometry=...)` unknown geometry {self.geometry!r}.")
 
     @classmethod
     def init(
@@ -150,9 +115,8 @@ class DenseQ(AbstractGeometryPrecond):
         q = self.q.astype(cd)
         spec = GeometrySpec(self.geometry)
         vv = None if v is None else v.reshape(-1).astype(cd)
-        ((t1, t2),) = fit_statistics(
-            spec.name, _DenseContractions(q, spec.stores_p), h.reshape(-1).astype(cd), vv
-        )
+        ops = MatrixContractions(q, spec.stores_p, solve_upper_h)
+        ((t1, t2),) = fit_statistics(spec.name, ops, h.reshape(-1).astype(cd), vv)
         old_l = self.lipschitz.astype(real_dtype(cd))
         new_q, big_l = fit_factor(spec.name, q, t1, t2, old_l, lr, key, normaliser, dense=True)
         return DenseQ(new_q.astype(self.q.dtype), big_l.astype(self.lipschitz.dtype),

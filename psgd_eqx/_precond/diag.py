@@ -5,7 +5,6 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
 from .._geometry import (
-    GEOMETRIES,
     AbstractContractions,
     GeometrySpec,
     Statistic,
@@ -65,8 +64,6 @@ class DiagQ(AbstractGeometryPrecond):
             raise ValueError(
                 f"`DiagQ(lipschitz=...)` must be a scalar; got shape {self.lipschitz.shape}."
             )
-        if self.geometry not in GEOMETRIES:
-            raise ValueError(f"`DiagQ(geometry=...)` unknown geometry {self.geometry!r}.")
 
     @classmethod
     def init(

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
 from .._geometry import (
-    GEOMETRIES,
     AbstractContractions,
     GeometrySpec,
     Statistic,
@@ -186,8 +185,6 @@ class KronQ(AbstractGeometryPrecond):
                 f"`KronQ(lipschitz=...)` must have shape {(len(axes),)}; got "
                 f"{self.lipschitz.shape}."
             )
-        if self.geometry not in GEOMETRIES:
-            raise ValueError(f"`KronQ(geometry=...)` unknown geometry {self.geometry!r}.")
 
     @classmethod
     def init(

@@ -6,11 +6,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
 from .._geometry import (
-    GEOMETRIES,
-    AbstractContractions,
     GeometrySpec,
-    Outer,
-    Statistic,
+    MatrixContractions,
     canonical_geometry,
     dense_lipschitz,
     dense_step,
@@ -49,36 +46,6 @@ def _p_times(blocks: Array, x: Array, stores_p: bool) -> Array:
     return jnp.einsum("kba,kb->ka", jnp.conj(blocks), y)
 
 
-class _BlockContractions(AbstractContractions):
-    """One 2×2 block's primitives: a dense factor on a 2-vector with no other axes to
-    contract (c = 1), rank-1 `Outer` statistics, and Q⁻ᴴ in closed form."""
-
-    b: Array
-    stores_p: bool = eqx.field(static=True)
-
-    @property
-    def num_factors(self) -> int:
-        return 1
-
-    def p_times(self, x: Array) -> Array:
-        return _p_times(self.b[None], x[None], self.stores_p)[0]
-
-    def factor_times(self, i: int, x: Array) -> Array:
-        return self.b @ x
-
-    def factor_inv_h_times(self, i: int, x: Array) -> Array:
-        return _inv_h_times(self.b, x)
-
-    def contract(self, i: int, x: Array) -> Statistic:
-        return Outer(x[:, None])
-
-    def factor_gram(self, i: int) -> Array:
-        return self.b @ jnp.conj(self.b.T)
-
-    def whitening_scale(self, i: int) -> Float[Array, ""]:
-        return jnp.ones((), real_dtype(self.b.dtype))
-
-
 class XMatQ(AbstractGeometryPrecond):
     """X-shaped preconditioner Q = diag(a) + antidiag(b) over a flattened parameter.
 
@@ -108,8 +75,6 @@ class XMatQ(AbstractGeometryPrecond):
             )
         if (self.middle is None) != (n % 2 == 0):
             raise ValueError("`XMatQ(middle=...)` must be a 1-element DiagQ exactly when n is odd.")
-        if self.geometry not in GEOMETRIES:
-            raise ValueError(f"`XMatQ(geometry=...)` unknown geometry {self.geometry!r}.")
 
     @classmethod
     def init(
@@ -205,7 +170,8 @@ class XMatQ(AbstractGeometryPrecond):
         k_ell, k_step, k_mid = jax.random.split(key, 3)
 
         def stats(b, xk, vk):
-            ((t1, t2),) = fit_statistics(spec.name, _BlockContractions(b, spec.stores_p), xk, vk)
+            ops = MatrixContractions(b, spec.stores_p, _inv_h_times)
+            ((t1, t2),) = fit_statistics(spec.name, ops, xk, vk)
             return t1, t2
 
         t1, t2 = jax.vmap(stats, in_axes=(0, 0, None if vp is None else 0))(
