@@ -200,7 +200,8 @@ def test_init_under_jit_is_pure(name):
     s1, s2 = opt.init(params), opt.init(params)
     sj = jax.jit(opt.init)(params)
     assert same(s1, s2), "init is not a pure function of the params"
-    assert same(sj, s1), "jax.jit(init) differs from init"
+    # equal up to rounding (XLA may fuse a random draw's normalisation differently)
+    assert close(sj, s1, rtol=1e-6, atol=1e-7), "jax.jit(init) differs from init"
     st = psgd_state(s1)
     assert int(st.count) == 0 and int(st.refits) == 0
     assert jax.tree.structure(st.mu) == jax.tree.structure(params)
