@@ -11,6 +11,7 @@ import pathlib
 import pydoc
 import re
 
+import optax
 import pytest
 
 import psgd_eqx
@@ -97,6 +98,14 @@ def test_removed_name_is_hidden_but_still_works(name):
 def test_removed_name_via_from_import_warns():
     with pytest.warns(DeprecationWarning, match="matrix_view"):
         from psgd_eqx import matrix_view  # noqa: F401
+
+
+@pytest.mark.parametrize("name", ["kron", "psgd", "lra", "xmat", "affine", "diag", "dense"])
+def test_learning_rate_is_annotated_as_a_schedule(name):
+    # optax's tooling reads the annotation: its contrib battery, for one, only tests
+    # schedules on optimizers whose `learning_rate` is annotated `ScalarOrSchedule`.
+    param = inspect.signature(getattr(psgd_eqx, name)).parameters["learning_rate"]
+    assert param.annotation is optax.ScalarOrSchedule, param.annotation
 
 
 def test_unknown_name_still_raises_attribute_error():
