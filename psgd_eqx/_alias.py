@@ -177,7 +177,7 @@ def _alias(own: Sequence[Option], lr: float, clip: dict, legacy: Sequence[Option
     """The signature of a one-structure alias: `(learning_rate, *, own, psgd's options,
     scale_by_psgd's options with `clip` defaults, legacy names)`."""
     lr_param = inspect.Parameter("learning_rate", inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                 default=lr)
+                                 default=lr, annotation=optax.ScalarOrSchedule)
     options = (*own, *_PSGD_OPTIONS, *replace_defaults(TRANSFORM, **clip), *_LEGACY, *legacy)
     return takes(options, leading=(lr_param,))
 

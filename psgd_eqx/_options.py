@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax.numpy as jnp
+import optax
 
 from ._geometry import canonical_geometry
 from ._misc import check_key, check_number, concrete, concrete_or_same, init_int
@@ -78,6 +79,7 @@ class Option:
     check: Check | None = None
     static: bool = False
     inject_default: bool = True
+    annotation: Any = inspect.Parameter.empty
 
 
 # -- checks ----------------------------------------------------------------------------
@@ -189,7 +191,7 @@ def replace_defaults(options: Sequence[Option], **defaults) -> tuple[Option, ...
 def parameter(option: Option, kind) -> inspect.Parameter:
     keep = option.static or not option.inject_default
     default = Static(option.default) if keep else option.default
-    return inspect.Parameter(option.name, kind, default=default)
+    return inspect.Parameter(option.name, kind, default=default, annotation=option.annotation)
 
 
 def doc_lines(options: Sequence[Option], width: int = 88) -> str:
@@ -373,7 +375,8 @@ def _geometry_check(name, value):
 KRON: tuple[Option, ...] = (
     Option("learning_rate", 1e-3,
            "a float or an optax schedule (1e-3: with the default gradient whitening the "
-           "update has roughly Adam's scale).", at_least_zero),
+           "update has roughly Adam's scale).", at_least_zero,
+           annotation=optax.ScalarOrSchedule),
     _t("b1"),
     Option("weight_decay", 0.0, "decoupled (lr-scaled) weight decay, ≥ 0, as `optax.adamw`.",
            at_least_zero, inject_default=False),
