@@ -79,7 +79,7 @@ class Option:
     check: Check | None = None
     static: bool = False
     inject_default: bool = True
-    annotation: Any = inspect.Parameter.empty
+    annotation: Any = None  # None: unannotated (`Parameter.empty` cannot be a default here)
 
 
 # -- checks ----------------------------------------------------------------------------
@@ -191,7 +191,8 @@ def replace_defaults(options: Sequence[Option], **defaults) -> tuple[Option, ...
 def parameter(option: Option, kind) -> inspect.Parameter:
     keep = option.static or not option.inject_default
     default = Static(option.default) if keep else option.default
-    return inspect.Parameter(option.name, kind, default=default, annotation=option.annotation)
+    annotation = inspect.Parameter.empty if option.annotation is None else option.annotation
+    return inspect.Parameter(option.name, kind, default=default, annotation=annotation)
 
 
 def doc_lines(options: Sequence[Option], width: int = 88) -> str:
