@@ -10,12 +10,10 @@ see every keyword.
 import inspect
 import zlib
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
 import numpy as np
 import optax
-from jaxtyping import ArrayLike
 
 from ._geometry import canonical_geometry
 from ._misc import as_key, concrete
@@ -90,16 +88,30 @@ def _legacy_kwargs(kwargs: dict) -> dict:
     return out
 
 
-def psgd(
-    learning_rate: optax.ScalarOrSchedule,
-    structure: Callable[[Any, Any], Any],
-    *,
-    global_structure: Callable[[int, Any], Any] | None = None,
-    weight_decay: ArrayLike = 0.0,
-    weight_decay_mask: Any = None,
-    update_global_norm_clip: float | None = None,
-    **kwargs,
-) -> optax.GradientTransformationExtraArgs:
+_PSGD_OPTIONS = (
+    Option("weight_decay", 0.0, "decoupled (lr-scaled) weight decay, as `optax.adamw`.",
+           at_least_zero, inject_default=False),
+    Option("weight_decay_mask", None, "a pytree of bools or a callable, as `optax.adamw`."),
+    Option("update_global_norm_clip", None,
+           "clip the preconditioned update's global norm (psgd_jax's option; `None` = off).",
+           interval(0.0, float("inf"), lo_open=True, optional=True)),
+)
+_LEGACY = tuple(
+    Option(n, None, f"psgd_jax's name for `{_RENAMED[n]}`.") for n in _RENAMED
+) + tuple(
+    Option(n, None, f"psgd_jax's option, accepted only at its default {v!r}.")
+    for n, v in _FIXED_LEGACY.items()
+) + (Option("mask", None, "psgd_jax's name for `weight_decay_mask`."),)
+_PSGD_LEADING = (
+    inspect.Parameter("learning_rate", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                      annotation=optax.ScalarOrSchedule),
+    inspect.Parameter("structure", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+    inspect.Parameter("global_structure", inspect.Parameter.KEYWORD_ONLY, default=None),
+)
+
+
+@takes((*_PSGD_OPTIONS, *TRANSFORM, *_LEGACY), leading=_PSGD_LEADING)
+def psgd(o: Options) -> optax.GradientTransformationExtraArgs:
     """The generic PSGD optimizer: your own preconditioner structure per leaf.
 
     `optax.chain(scale_by_psgd(structure, ...), [clip_by_global_norm],
@@ -112,12 +124,7 @@ def psgd(
         [`psgd_eqx.GLOBAL`][]; see [`psgd_eqx.scale_by_psgd`][].
     - `global_structure`: `global_structure(n, dtype)` → the global group's
         preconditioner.
-    - `weight_decay`, `weight_decay_mask`: decoupled (lr-scaled) weight decay, as
-        `optax.adamw`.
-    - `update_global_norm_clip`: clip the preconditioned update's global norm (psgd_jax's
-        option; `None` = off).
-    - `**kwargs`: every other option of [`psgd_eqx.scale_by_psgd`][] (psgd_jax's
-        `precond_lr`, `precond_init_scale` and `seed` are accepted as aliases).
+    {options}
 
     **Returns:** an `optax.GradientTransformationExtraArgs`.
 
@@ -136,29 +143,19 @@ def psgd(
                             global_structure=lambda n, dt: psgd_eqx.DenseQ.init(n, dt))
         ```
     """
-    kwargs = _legacy_kwargs(kwargs)
-    scale = scale_by_psgd(structure, global_structure=global_structure, **kwargs)
-    return with_lr_and_decay(
-        scale, learning_rate, weight_decay, weight_decay_mask, update_global_norm_clip
-    )
+    mask = o.weight_decay_mask
+    if o.mask is not None:
+        if mask is not None:
+            raise ValueError("pass only one of `mask` and `weight_decay_mask`.")
+        mask = o.mask
+    kwargs = _legacy_kwargs({k: o[k] for k in (*names(TRANSFORM), *_RENAMED, *_FIXED_LEGACY)})
+    scale = scale_by_psgd(o.structure, global_structure=o.global_structure, **kwargs)
+    return with_lr_and_decay(scale, o.learning_rate, o.weight_decay, mask,
+                             o.update_global_norm_clip)
 
 
 # -- the one-structure aliases ---------------------------------------------------------
 
-_PSGD_OPTIONS = (
-    Option("weight_decay", 0.0, "decoupled (lr-scaled) weight decay, as `optax.adamw`.",
-           at_least_zero, inject_default=False),
-    Option("weight_decay_mask", None, "a pytree of bools or a callable, as `optax.adamw`."),
-    Option("update_global_norm_clip", None,
-           "clip the preconditioned update's global norm (psgd_jax's option; `None` = off).",
-           interval(0.0, float("inf"), lo_open=True, optional=True)),
-)
-_LEGACY = tuple(
-    Option(n, None, f"psgd_jax's name for `{_RENAMED[n]}`.") for n in _RENAMED
-) + tuple(
-    Option(n, None, f"psgd_jax's option, accepted only at its default {v!r}.")
-    for n, v in _FIXED_LEGACY.items()
-) + (Option("mask", None, "psgd_jax's name for `weight_decay_mask`."),)
 _PER_LEAF = Option("per_leaf", False,
                    "one preconditioner per leaf instead of one over all leaves.", boolean())
 _PRECOND_DTYPE = Option("precond_dtype", None,
@@ -183,14 +180,9 @@ def _alias(own: Sequence[Option], lr: float, clip: dict, legacy: Sequence[Option
 
 
 def _build(o: Options, make: Callable, per_leaf: bool) -> optax.GradientTransformationExtraArgs:
-    """`psgd(o.learning_rate, structure)` where `structure` is `make(shape, dtype, path)`
-    per leaf, or `make((n,), dtype, None)` over all leaves (`per_leaf=False`)."""
-    kwargs = {k: o[k] for k in (*names(TRANSFORM), *_RENAMED, *_FIXED_LEGACY)}
-    mask = o.weight_decay_mask
-    if o.mask is not None:
-        if mask is not None:
-            raise ValueError("pass only one of `mask` and `weight_decay_mask`.")
-        mask = o.mask
+    """`psgd(o.learning_rate, structure, **options)` where `structure` is
+    `make(shape, dtype, path)` per leaf, or `make((n,), dtype, None)` over all leaves
+    (`per_leaf=False`)."""
 
     def structure(path, p):
         return make(p.shape, storage_dtype(p.dtype, o.precond_dtype), path) if per_leaf \
@@ -199,9 +191,9 @@ def _build(o: Options, make: Callable, per_leaf: bool) -> optax.GradientTransfor
     def global_structure(n, dtype):
         return make((n,), storage_dtype(dtype, o.precond_dtype), None)
 
+    passed = names((*_PSGD_OPTIONS, *TRANSFORM, *_LEGACY))
     return psgd(o.learning_rate, structure, global_structure=global_structure,
-                weight_decay=o.weight_decay, weight_decay_mask=mask,
-                update_global_norm_clip=o.update_global_norm_clip, **kwargs)
+                **{k: o[k] for k in passed})
 
 
 # psgd_jax's unclipped xmat and LRA diverge to NaN at their default lr 0.01 on the 2-D
