@@ -90,7 +90,7 @@ def _legacy_kwargs(kwargs: dict) -> dict:
 
 _PSGD_OPTIONS = (
     Option("weight_decay", 0.0, "decoupled (lr-scaled) weight decay, as `optax.adamw`.",
-           at_least_zero, inject_default=False),
+           at_least_zero),
     Option("weight_decay_mask", None, "a pytree of bools or a callable, as `optax.adamw`."),
     Option("update_global_norm_clip", None,
            "clip the preconditioned update's global norm (psgd_jax's option; `None` = off).",

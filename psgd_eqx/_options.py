@@ -67,10 +67,6 @@ class Option:
       skipped for traced values (they cannot be read) except where `static` says the value
       must be concrete.
     - `static`: the option fixes shapes or control flow (see the module docstring).
-    - `inject_default`: `False` keeps `optax.inject_hyperparams` from injecting the
-        *default* (given explicitly, the value is injected as usual): for a default that
-        decides the optimizer's structure, e.g. weight decay 0 = no decay transform, so
-        that a plain and an injected optimizer have the same state structure.
     """
 
     name: str
@@ -78,7 +74,6 @@ class Option:
     doc: str
     check: Check | None = None
     static: bool = False
-    inject_default: bool = True
     annotation: Any = None  # None: unannotated (`Parameter.empty` cannot be a default here)
 
 
@@ -189,8 +184,7 @@ def replace_defaults(options: Sequence[Option], **defaults) -> tuple[Option, ...
 
 
 def parameter(option: Option, kind) -> inspect.Parameter:
-    keep = option.static or not option.inject_default
-    default = Static(option.default) if keep else option.default
+    default = Static(option.default) if option.static else option.default
     annotation = inspect.Parameter.empty if option.annotation is None else option.annotation
     return inspect.Parameter(option.name, kind, default=default, annotation=annotation)
 
@@ -380,7 +374,7 @@ KRON: tuple[Option, ...] = (
            annotation=optax.ScalarOrSchedule),
     _t("b1"),
     Option("weight_decay", 0.0, "decoupled (lr-scaled) weight decay, ≥ 0, as `optax.adamw`.",
-           at_least_zero, inject_default=False),
+           at_least_zero),
     Option("weight_decay_mask", None, "a pytree of bools or a callable, as in `optax.adamw`."),
     _t("preconditioner_update_probability"),
     Option("max_size_triangular", 8192, "axes longer than this get a diagonal factor.",

@@ -33,9 +33,23 @@ def with_lr_and_decay(
         check_number("update_global_norm_clip", global_norm_clip, 0.0, float("inf"),
                      lo_open=True)
         parts.append(optax.clip_by_global_norm(global_norm_clip))
-    # Skip the no-op decay only for a Python 0: an array (inject_hyperparams) must give the
-    # same chain at init (concrete) and in update (traced).
-    if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
-        parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
+    parts.append(_decayed_weights(weight_decay, weight_decay_mask))
     parts.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(*parts)
+
+
+def _decayed_weights(weight_decay, mask) -> optax.GradientTransformation:
+    """`optax.add_decayed_weights`, skipped (no work, no params needed) for a Python 0.
+
+    The transform is always in the chain, so a plain optimizer and one whose weight decay
+    `optax.inject_hyperparams` turned into an array have the same state structure.
+    """
+    decay = optax.add_decayed_weights(weight_decay, mask)
+    if not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
+        return decay
+
+    def update(updates, state, params=None):
+        del params
+        return updates, state
+
+    return optax.GradientTransformation(decay.init, update)

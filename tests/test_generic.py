@@ -12,8 +12,8 @@ import optax
 import pytest
 
 import psgd_eqx as pe
-from psgd_eqx._global import GlobalSlot
 from psgd_eqx import GLOBAL, LRAQ, AffineQ, DenseQ, DiagQ, KronQ, PSGDState, XMatQ
+from psgd_eqx._global import GlobalSlot
 
 from .helpers import tree_finite
 
@@ -535,7 +535,7 @@ def test_two_inits_of_one_lra_optimizer_are_identical(per_leaf):
     params = {"a": jnp.ones((5, 3)), "b": jnp.ones((7,))}
     opt = pe.lra(1e-2, rank=2, per_leaf=per_leaf)
     first, second = opt.init(params), opt.init(params)
-    assert eqx.tree_equal(first, second) is True
+    assert bool(eqx.tree_equal(first, second))
     us = [x.u for x in jax.tree.leaves(_psgd_state(first),
                                        is_leaf=lambda x: isinstance(x, LRAQ))
           if isinstance(x, LRAQ)]
