@@ -519,17 +519,16 @@ class _ContribTestAll(parameterized.TestCase):
 # the default run keeps a representative subset (every test, every alias at least once, a
 # per-leaf and a global-group alias for most tests) and `-m slow` runs the rest.
 _DEFAULT = {
-    'test_optimizers_accept_extra_args': ('kron_nowrap', 'dense_nowrap'),
-    'test_optimizers': ('kron_matrix_parabola_float32', 'diag_parabola_float32',
-                        'dense_mixed_tensor_target_float32', 'xmat_rosenbrock_float32'),
-    'test_optimizers_can_be_wrapped_in_inject_hyperparams': _ALIASES,
-    'test_preserve_dtype': ('kron_bfloat16', 'affine_bfloat16', 'lra_bfloat16',
-                            'xmat_float32'),
-    'test_gradient_accumulation': ('diag_float32', 'xmat_bfloat16'),
-    'test_state_shape_dtype_shard_stability': ('kron_float16', 'lra_float64',
-                                               'affine_bfloat16'),
-    # runs 10 steps eagerly (op by op): 13 s for kron, 20-55 s for the others
-    'test_optimizers_accept_learning_rate_schedule_if_type_annotated_as_such': ('kron',),
+    'test_optimizers_accept_extra_args': ('dense_nowrap',),
+    # the regression of the default that diverged (xmat at lr 0.01 on Rosenbrock)
+    'test_optimizers': ('kron_matrix_parabola_float32', 'xmat_rosenbrock_float32'),
+    'test_optimizers_can_be_wrapped_in_inject_hyperparams': ('kron', 'lra'),
+    'test_preserve_dtype': ('kron_bfloat16', 'lra_bfloat16'),
+    'test_gradient_accumulation': ('diag_float32',),
+    'test_state_shape_dtype_shard_stability': ('affine_bfloat16',),
+    # `test_optimizers_accept_learning_rate_schedule_if_type_annotated_as_such` runs 10
+    # steps eagerly (op by op): 13 s for kron, 20-55 s for the others; slow only (the
+    # annotation it relies on is checked in test_public_api.py)
 }
 _ALL_TESTS = sorted(
     name for name in dir(_ContribTestAll)
