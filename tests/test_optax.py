@@ -504,3 +504,24 @@ def test_update_preconditioner_override():
     assert int(state.refits) == 4
     assert int(state.count) == 20
     assert eqx.tree_equal(state.precond, q_before)
+
+
+def test_static_options_are_not_injected_and_say_so_when_traced():
+    params = _params0()
+    # defaults of options that fix shapes stay Python values: jitted init just works
+    inj = optax.inject_hyperparams(psgd_eqx.kron)(learning_rate=_LR)
+    state = jax.jit(inj.init)(params)
+    assert "max_size_triangular" not in state.hyperparams
+    assert "norm_bound_k" not in state.hyperparams
+    assert "preconditioner_lr" in state.hyperparams  # a real hyperparameter is injected
+    # one given explicitly is injected; traced at init it cannot fix a shape
+    given = optax.inject_hyperparams(psgd_eqx.kron)(learning_rate=_LR, max_size_triangular=2)
+    with pytest.raises(ValueError, match="max_size_triangular.*static_args"):
+        jax.jit(given.init)(params)
+    # ... unless it is static, or init is not traced
+    static = optax.inject_hyperparams(psgd_eqx.kron, static_args=("max_size_triangular",))(
+        learning_rate=_LR, max_size_triangular=2)
+    kron_state = _psgd_state(jax.jit(static.init)(params).inner_state)
+    assert kron_state.precond["w"].dense == (False, False)
+    eager = _psgd_state(given.init(params).inner_state)
+    assert eager.precond["w"].dense == (False, False)
