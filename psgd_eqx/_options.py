@@ -262,11 +262,6 @@ def takes(
     return decorate
 
 
-def is_inf(value) -> bool:
-    value = concrete_or_same(value)
-    return isinstance(value, float) and math.isinf(value)
-
-
 # -- the lists -------------------------------------------------------------------------
 #
 # `TRANSFORM`: the options of the generic core `scale_by_psgd` (and, through it, of every
