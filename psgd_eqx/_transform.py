@@ -24,13 +24,14 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree
 from . import _global
 from ._accum import accumulate, init_fit_accum, restart_after_refit
 from ._apply import precondition
+from ._build import build_preconds
 from ._fit import FitSettings, maybe_refit, refit_all
 from ._global import GLOBAL as GLOBAL, GlobalSlot
 from ._init_scale import rescale_at_first_step
 from ._misc import as_key, concrete
 from ._momentum import init_momentum, update_momentum
 from ._norms import Normaliser
-from ._numerics import promote, tree_all_finite
+from ._numerics import tree_all_finite
 from ._options import TRANSFORM, Options, takes
 from ._precond.base import AbstractPrecond
 from ._refit import refit_decision
@@ -86,40 +87,6 @@ def _normaliser(o: Options) -> Normaliser:
                       int(concrete(o.norm_bound_iters)))
 
 
-def _build_preconds(structure, global_structure, params, init_scale):
-    """Call `structure` per leaf; returns `(precond tree, global preconditioner)`."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    preconds = []
-    for path, p in flat:
-        # An empty leaf has nothing to precondition (and no statistics to fit).
-        q = structure(path, p) if int(np.prod(p.shape)) > 0 else None
-        if isinstance(q, str) and q == GLOBAL:
-            q = GlobalSlot()
-        elif q is not None and not isinstance(q, AbstractPrecond):
-            raise ValueError(
-                f"`structure` returned {q!r} for {jax.tree_util.keystr(path)}; expected an "
-                f"AbstractPrecond, None or psgd_eqx.GLOBAL ({GLOBAL!r})."
-            )
-        elif q is not None and init_scale is not None:
-            q = q.rescale(init_scale)
-        preconds.append(q)
-    glob = [p for (_, p), q in zip(flat, preconds) if _global.is_slot(q)]
-    gq = None
-    if glob:
-        if global_structure is None:
-            raise ValueError(
-                "`structure` put leaves into the GLOBAL group but `global_structure` is None."
-            )
-        n = sum(int(np.prod(p.shape)) for p in glob)
-        gq = global_structure(n, promote(*(p.dtype for p in glob)))
-        gq = gq if init_scale is None else gq.rescale(init_scale)
-    elif global_structure is not None and not flat:
-        # No leaves at all (e.g. `optax.tree_map_params`' placeholder): a leaf here matches
-        # whatever global preconditioner the real state has.
-        gq = jnp.zeros((0,), jnp.float32)
-    return jax.tree_util.tree_unflatten(treedef, preconds), gq
-
-
 def _check(o: Options) -> None:
     if not o.whiten_grad and concrete(o.b1) == 0:
         raise ValueError("`whiten_grad=False` (fit on the momentum) needs `b1 > 0`; got b1=0.")
@@ -159,7 +126,7 @@ def scale_by_psgd(o: Options) -> optax.GradientTransformationExtraArgs:
     precond_lr = as_schedule(o.preconditioner_lr, "preconditioner_lr")
 
     def init_fn(params):
-        precond, gq = _build_preconds(o.structure, o.global_structure, params,
+        precond, gq = build_preconds(o.structure, o.global_structure, params,
                                       o.preconditioner_init_scale)
         fit_accum = init_fit_accum(params) if o.precond_grad_accum else None
         # separate buffers per field, so a jitted step can donate the whole state
