@@ -36,6 +36,7 @@ from ._options import TRANSFORM, Options, takes
 from ._precond.base import AbstractPrecond
 from ._refit import refit_decision
 from ._schedules import as_schedule
+from ._validate import check_update_inputs
 
 
 class PSGDState(eqx.Module):
@@ -138,6 +139,7 @@ def scale_by_psgd(o: Options) -> optax.GradientTransformationExtraArgs:
     def update_fn(updates, state, params=None, *, Hvp=None, vector=None,
                   update_preconditioner=None, **extra_args):
         del params, extra_args
+        check_update_inputs(updates, state, Hvp, vector)
         return _step(o, probability, precond_lr, updates, state, Hvp, vector,
                      update_preconditioner)
 
@@ -155,8 +157,6 @@ def _step(
     override: bool | Bool[ArrayLike, ""] | None,
 ) -> tuple[PyTree, PSGDState]:
     """One `update` of `scale_by_psgd` (see the module docstring for the parts)."""
-    if (hvp is None) != (vector is None):
-        raise ValueError("`Hvp` and `vector` must be given together for Newton fitting.")
     newton = hvp is not None
     g_leaves, treedef = jax.tree.flatten(grads)
     slots = treedef.flatten_up_to(state.precond)
