@@ -25,8 +25,10 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import ArrayLike, PyTree
 
+from ._build import as_leaf_array, gets_precond
 from ._geometry import canonical_geometry
 from ._misc import concrete
 from ._numerics import compute_dtype, real_dtype, storage_dtype
@@ -47,15 +49,37 @@ def scanned_predicate(scanned_layers) -> "Callable[[Any, Any], bool]":
     """
     if scanned_layers is None:
         return lambda path, leaf: False
+    if hasattr(scanned_layers, "dtype"):
+        # What `optax.inject_hyperparams` passes for a callable it took for a schedule.
+        raise ValueError(
+            f"`scanned_layers` must be a pytree of bools like the params or a callable "
+            f"`(path, leaf) -> bool`; got an array ({scanned_layers!r}). Under "
+            "`optax.inject_hyperparams` every callable argument is taken for a schedule of "
+            "the step count, and an `eqx.Module` of bools is callable (its `__call__`): "
+            "pass `static_args=(\"scanned_layers\",)`, or a dict of bools."
+        )
     # A bools-tree of an Equinox model is itself callable (eqx.nn.Linear(...)): only a
     # callable that is not a Module is a predicate.
     if callable(scanned_layers) and not isinstance(scanned_layers, eqx.Module):
         return lambda path, leaf: bool(scanned_layers(path, leaf))
-    flags = {
-        jax.tree_util.keystr(path): bool(flag)
-        for path, flag in jax.tree_util.tree_flatten_with_path(scanned_layers)[0]
-    }
+    flags = {}
+    for path, flag in jax.tree_util.tree_flatten_with_path(scanned_layers)[0]:
+        if not _is_flag(flag):
+            raise TypeError(
+                "`scanned_layers` must be a pytree of bools like the params or a callable "
+                f"`(path, leaf) -> bool`; got {flag!r} at {jax.tree_util.keystr(path)}."
+            )
+        flags[jax.tree_util.keystr(path)] = bool(flag)
     return lambda path, leaf: flags.get(jax.tree_util.keystr(path), False)
+
+
+def _is_flag(x) -> bool:
+    """A Python or NumPy bool, or a concrete 0-d bool array: one entry of a
+    `scanned_layers` tree."""
+    if isinstance(x, (bool, np.bool_)):
+        return True
+    return (hasattr(x, "dtype") and jnp.dtype(x.dtype) == jnp.bool_ and jnp.ndim(x) == 0
+            and concrete(x) is not None)
 
 
 STRUCTURE_RULES = (
@@ -148,6 +172,9 @@ class LeafPlan:
     - `blocks`: `()` if the leaf is not cut into blocks; else per axis of `axes` its
         pieces `((count, size), ...)` (see [`psgd_eqx.BlockedQ`][]).
     - `scanned`: whether the leading axis stacks layers.
+
+    A leaf that gets no preconditioner (an empty one, or an integer or boolean one: `init`
+    stores `None` for it) has `axes == factor_kinds == ()` and `state_bytes == 0`.
     """
 
     shape: tuple[int, ...]
@@ -159,6 +186,11 @@ class LeafPlan:
     scanned: bool = False
 
     @property
+    def has_precond(self) -> bool:
+        """Whether the leaf gets a preconditioner at all."""
+        return bool(self.factor_kinds)
+
+    @property
     def dense(self) -> tuple[bool, ...]:
         """Per axis of `axes`: whether its factor (of every block) is dense."""
         return tuple(k != "diag" for k in self.factor_kinds)
@@ -166,7 +198,8 @@ class LeafPlan:
     @property
     def merged(self) -> bool:
         """Whether adjacent axes were merged."""
-        return self.axes != squeezed_shape(self.shape[1:] if self.scanned else self.shape)
+        layer = self.shape[1:] if self.scanned else self.shape
+        return self.has_precond and self.axes != squeezed_shape(layer)
 
     @property
     def num_blocks(self) -> int:
@@ -175,6 +208,8 @@ class LeafPlan:
 
     def describe(self) -> str:
         """The preconditioner in words, e.g. `4 × [3 blocks] dense(≤256) ⊗ diag(768)`."""
+        if not self.has_precond:
+            return "none"
         parts = []
         for i, (kind, n) in enumerate(zip(self.factor_kinds, self.axes)):
             if self.blocks and self.blocks[i] != ((1, n),):
@@ -401,7 +436,8 @@ def kron_plan(o: Options) -> PyTree[LeafPlan]:
 
     **Returns:** a pytree with the structure of `params` whose leaves are `LeafPlan`s
     (`shape`, `axes`, `factor_kinds`, `state_bytes`, `layers`; `str(plan)` gives one
-    readable line).
+    readable line). An empty leaf, or an integer or boolean one, gets no preconditioner:
+    its plan has `factor_kinds == ()` and `state_bytes == 0`.
 
     !!! Example
 
@@ -414,7 +450,9 @@ def kron_plan(o: Options) -> PyTree[LeafPlan]:
     rules = {name: o[name] for name in STRUCTURE_RULES}
     is_scanned = scanned_predicate(o.scanned_layers)
     flat, treedef = jax.tree_util.tree_flatten_with_path(o.params)
-    dtypes = [storage_dtype(p.dtype, o.precond_dtype) for _, p in flat]
+    leaves = [as_leaf_array(p) for _, p in flat]
+    dtypes = [storage_dtype(p.dtype, o.precond_dtype) if gets_precond(p) else None
+              for p in leaves]
     plans = [
         leaf_plan(
             p.shape,
@@ -428,7 +466,9 @@ def kron_plan(o: Options) -> PyTree[LeafPlan]:
             block_size=o.block_size,
             **rules,
         )
-        for (path, p), dtype in zip(flat, dtypes)
+        # `init` gives such a leaf `None` (the rule of `_build.gets_precond`)
+        if dtype is not None else LeafPlan(tuple(int(n) for n in p.shape), (), (), 0)
+        for (path, _), p, dtype in zip(flat, leaves, dtypes)
     ]
     if o.memory_budget_bytes is not None:
         plans = _apply_budget(plans, dtypes, int(o.memory_budget_bytes), o.cache_preconditioner)
