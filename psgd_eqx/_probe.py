@@ -9,10 +9,12 @@ computes such a pair (exact forward-over-reverse, or a finite difference).
 from collections.abc import Callable
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, PRNGKeyArray, PyTree
 
+from ._eager import is_traced
 from ._misc import concrete
 from ._numerics import compute_dtype, real_dtype
 
@@ -126,6 +128,26 @@ def hessian_helper(
                 f"`preconditioner_update_probability` must be in [0, 1]; got {p!r}."
             )
 
+    args = (key, loss_fn, params, loss_fn_extra_args, has_aux,
+            preconditioner_update_probability, train_step, hvp_method, fd_delta)
+    if is_traced((key, params, loss_fn_extra_args, preconditioner_update_probability,
+                  train_step)):
+        return _hessian_helper(*args)
+    # Eager call (no surrounding jit): one compiled function per loss_fn and input
+    # shapes; a Python-int step count is traced so it does not recompile every step.
+    if train_step is not None and not isinstance(train_step, jax.Array):
+        train_step = jnp.asarray(train_step, jnp.int32)
+    if isinstance(preconditioner_update_probability, float | int):
+        preconditioner_update_probability = jnp.asarray(preconditioner_update_probability,
+                                                        jnp.float32)
+    return _hessian_helper_jit(key, loss_fn, params, loss_fn_extra_args, has_aux,
+                               preconditioner_update_probability, train_step, hvp_method,
+                               fd_delta)
+
+
+def _hessian_helper(key, loss_fn, params, loss_fn_extra_args, has_aux,
+                    preconditioner_update_probability, train_step, hvp_method, fd_delta):
+    """The body of [`psgd_eqx.hessian_helper`][] (inputs already checked)."""
     def obj(p):
         return loss_fn(p, *loss_fn_extra_args)
 
@@ -171,3 +193,6 @@ def hessian_helper(
         update = update | (jnp.asarray(train_step) < 2)
     loss_out, grad, hvp, vector = jax.lax.cond(update, with_hvp, without_hvp, params)
     return loss_out, grad, hvp, vector, update
+
+
+_hessian_helper_jit = eqx.filter_jit(_hessian_helper)

@@ -25,6 +25,7 @@ from . import _global
 from ._accum import accumulate, init_fit_accum, restart_after_refit
 from ._apply import precondition
 from ._build import build_preconds
+from ._eager import eager_cached
 from ._fit import FitSettings, maybe_refit, refit_all
 from ._global import GLOBAL as GLOBAL, GlobalSlot
 from ._init_scale import rescale_at_first_step
@@ -101,6 +102,7 @@ _STRUCTURE = (
 
 
 @takes(TRANSFORM, leading=_STRUCTURE)
+@eager_cached
 def scale_by_psgd(o: Options) -> optax.GradientTransformationExtraArgs:
     """The generic PSGD transformation: any preconditioner structure per leaf.
 
