@@ -12,6 +12,7 @@ import optax
 from jax.sharding import PartitionSpec
 from jaxtyping import PyTree
 
+from ._eager import eager_cached
 from ._numerics import storage_dtype
 from ._options import (
     KRON,
@@ -83,6 +84,7 @@ def _constrain(o: Options, updates, state):
 
 
 @takes(SCALE_BY_KRON)
+@eager_cached
 def scale_by_kron(o: Options) -> optax.GradientTransformationExtraArgs:
     """Kronecker-factored PSGD (no learning rate, no weight decay): P·m, clipped.
 
@@ -123,6 +125,7 @@ def scale_by_kron(o: Options) -> optax.GradientTransformationExtraArgs:
 
 
 @takes(KRON, positional=True)
+@eager_cached
 def kron(o: Options) -> optax.GradientTransformationExtraArgs:
     """PSGD with Kronecker-factored preconditioners: the drop-in optax optimizer.
 
