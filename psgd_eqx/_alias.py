@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import optax
 
+from ._eager import eager_cached
 from ._geometry import canonical_geometry
 from ._misc import as_key, concrete
 from ._numerics import storage_dtype
@@ -45,6 +46,7 @@ _RENAMED = {"precond_lr": "preconditioner_lr", "precond_init_scale": "preconditi
 # psgd_jax options we implement differently: accepted at their psgd_jax default only.
 _FIXED_LEGACY = {"step_normalizer_order": "2nd", "precision": "tensorfloat32", "nesterov": False}
 _TRANSFORM_DEFAULTS = {o.name: o.default for o in TRANSFORM}
+_TRANSFORM_CHECKS = {o.name: o.check for o in TRANSFORM}
 
 
 def _is_default(name: str, value) -> bool:
@@ -96,8 +98,25 @@ _PSGD_OPTIONS = (
            "clip the preconditioned update's global norm (psgd_jax's option; `None` = off).",
            interval(0.0, float("inf"), lo_open=True, optional=True)),
 )
+def _renamed_check(new: str):
+    """The check of the option `new`, for its legacy name: `None` (not given) passes, and
+    the message names both."""
+    check = _TRANSFORM_CHECKS[new]
+
+    def legacy(name, value):
+        if value is None:
+            return
+        try:
+            check(name, value)
+        except ValueError as e:
+            raise ValueError(f"{e} (`{name}` is psgd_jax's name for `{new}`.)") from None
+
+    return legacy
+
+
 _LEGACY = tuple(
-    Option(n, None, f"psgd_jax's name for `{_RENAMED[n]}`.") for n in _RENAMED
+    Option(n, None, f"psgd_jax's name for `{new}`.", _renamed_check(new))
+    for n, new in _RENAMED.items()
 ) + tuple(
     Option(n, None, f"psgd_jax's option, accepted only at its default {v!r}.")
     for n, v in _FIXED_LEGACY.items()
@@ -111,6 +130,7 @@ _PSGD_LEADING = (
 
 
 @takes((*_PSGD_OPTIONS, *TRANSFORM, *_LEGACY), leading=_PSGD_LEADING)
+@eager_cached
 def psgd(o: Options) -> optax.GradientTransformationExtraArgs:
     """The generic PSGD optimizer: your own preconditioner structure per leaf.
 
@@ -143,6 +163,7 @@ def psgd(o: Options) -> optax.GradientTransformationExtraArgs:
                             global_structure=lambda n, dt: psgd_eqx.DenseQ.init(n, dt))
         ```
     """
+    at_least_zero("learning_rate", o.learning_rate)  # a leading parameter, not an Option
     mask = o.weight_decay_mask
     if o.mask is not None:
         if mask is not None:
@@ -203,6 +224,7 @@ _CLIP = {}
 
 
 @_alias((_geometry("EQ"), _PER_LEAF, _PRECOND_DTYPE), 0.01, _CLIP)
+@eager_cached
 def xmat(o: Options) -> optax.GradientTransformationExtraArgs:
     """PSGD with the X-shaped preconditioner [`psgd_eqx.XMatQ`][] (psgd_jax's `xmat`).
 
@@ -232,6 +254,7 @@ _UVD = Option("uvd_rank_of_approximation", None, "psgd_jax's name for `rank`.",
 
 
 @_alias((_RANK, _PER_LEAF, _PRECOND_DTYPE), 0.01, _CLIP, legacy=(_UVD,))
+@eager_cached
 def lra(o: Options) -> optax.GradientTransformationExtraArgs:
     """PSGD with the low-rank-approximation preconditioner [`psgd_eqx.LRAQ`][]
     (psgd_jax's `low_rank_approximation`, the reference's `LRAWhiten`/`LRANewton`).
@@ -269,6 +292,7 @@ _MAX_SIZE = Option("max_size", 32768,
 
 
 @_alias((_geometry("PRO"), _PER_LEAF, _PRECOND_DTYPE, _MAX_SIZE), 0.01, _NO_CLIP)
+@eager_cached
 def dense(o: Options) -> optax.GradientTransformationExtraArgs:
     """PSGD with one dense [`psgd_eqx.DenseQ`][] over all parameters (the reference's
     `DenseNewton`, a BFGS alternative for up to ~10⁴ parameters), or one per leaf.
@@ -310,6 +334,7 @@ _AFFINE_RULES = (
 
 
 @_alias((*_AFFINE_RULES, _geometry("PRO"), _PRECOND_DTYPE), 0.01, _NO_CLIP)
+@eager_cached
 def affine(o: Options) -> optax.GradientTransformationExtraArgs:
     """PSGD with an affine (left ⊗ right) preconditioner per leaf, [`psgd_eqx.AffineQ`][]
     (psgd_jax's `affine`).
@@ -330,6 +355,7 @@ def affine(o: Options) -> optax.GradientTransformationExtraArgs:
 
 
 @_alias((_geometry("PRO"), _PRECOND_DTYPE), 1e-3, {})
+@eager_cached
 def diag(o: Options) -> optax.GradientTransformationExtraArgs:
     """PSGD with an element-wise diagonal [`psgd_eqx.DiagQ`][] per leaf: Adam's memory,
     a Lie-group fit of the inverse 4th root of E[g²] instead of an EMA.

@@ -21,11 +21,13 @@ import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ._geometry import canonical_geometry
-from ._misc import check_key, check_number, concrete, concrete_or_same, init_int
+from ._misc import check_number, concrete, concrete_or_same, init_int
 
 
 class Static:
@@ -80,12 +82,53 @@ class Option:
 # -- checks ----------------------------------------------------------------------------
 
 
-def interval(lo: float, hi: float, lo_open=False, hi_open=False, optional=False) -> Check:
-    """A number (or schedule) in an interval; `None` passes when `optional`."""
+def is_real_number(value) -> bool:
+    """A real number: a Python or NumPy int or float (not a bool), or a 0-d integer or
+    floating array, concrete or traced (what `optax.inject_hyperparams` passes)."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return True
+    dtype = getattr(value, "dtype", None)
+    try:
+        real = dtype is not None and (jnp.issubdtype(dtype, jnp.integer)
+                                      or jnp.issubdtype(dtype, jnp.floating))
+    except TypeError:  # not a NumPy-style dtype
+        return False
+    return real and jnp.ndim(value) == 0
+
+
+def require_number(name: str, value, *, schedule: bool = False, integer: bool = False):
+    """`ValueError` naming the option unless `value` is a real number (or, with
+    `schedule`, a callable of the step count): the one check of an option's type, so a
+    string such as `"0.1"` or a bool never reaches a comparison.
+
+    **Arguments:**
+
+    - `name`: the option's name, for the message.
+    - `value`: the given value.
+    - `schedule`: whether a schedule (a callable) is allowed.
+    - `integer`: whether the option is an integer (changes only the message).
+
+    **Returns:** nothing.
+    """
+    if is_real_number(value) or (schedule and callable(value)):
+        return
+    kind = "an int" if integer else "a number"
+    if schedule:
+        kind += " or a schedule"
+    raise ValueError(f"`{name}` must be {kind}; got {value!r} ({type(value).__name__}).")
+
+
+def interval(lo: float, hi: float, lo_open=False, hi_open=False, optional=False,
+             schedule=False) -> Check:
+    """A number in an interval (or a schedule, when `schedule`); `None` passes when
+    `optional`."""
 
     def check(name, value):
-        if value is None and not optional:
-            raise ValueError(f"`{name}` must be a number; got None.")
+        if value is None and optional:
+            return
+        require_number(name, value, schedule=schedule)
         check_number(name, value, lo, hi, lo_open, hi_open)
 
     return check
@@ -95,6 +138,7 @@ def integer(minimum: int, optional: bool = False) -> Check:
     def check(name, value):
         if value is None and optional:
             return
+        require_number(name, value, integer=True)
         init_int(name, value, minimum)
 
     return check
@@ -128,21 +172,30 @@ def dtype_or_none(name, value):
 
 
 def key_check(name, value):
-    check_key(value)
+    """A PRNG key, or an int seed (also as an integer array: raw key data, or a seed that
+    `optax.inject_hyperparams` turned into an array)."""
+    dtype = getattr(value, "dtype", None)
+    ok = (not isinstance(value, bool) and isinstance(value, (int, np.integer))) or (
+        dtype is not None and (jnp.issubdtype(dtype, jax.dtypes.prng_key)
+                               or jnp.issubdtype(dtype, jnp.integer)))
+    if not ok:
+        raise ValueError(f"`{name}` must be a PRNG key or an int seed; got {value!r}.")
 
 
 def at_least_zero(name, value):
     """A number ≥ 0, or a schedule (a learning rate, a weight decay)."""
+    require_number(name, value, schedule=True)
     number = None if callable(value) else concrete(value)
     if number is not None and not number >= 0:
         raise ValueError(f"`{name}` must be >= 0; got {value!r}.")
 
 
 def nonneg_number(name, value):
+    require_number(name, value)
     value = concrete_or_same(value)
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+    if not value >= 0:
         raise ValueError(f"`{name}` must be a number >= 0; got {value!r}.")
 
 
@@ -283,13 +336,13 @@ TRANSFORM: tuple[Option, ...] = (
     Option("preconditioner_update_probability", 1.0,
            f"refit probability, {_SCHEDULE} (see "
            "[`psgd_eqx.precond_update_prob_schedule`][] for psgd_jax's 1 → 0.03 anneal).",
-           interval(0.0, 1.0, lo_open=True)),
+           interval(0.0, 1.0, lo_open=True, schedule=True)),
     Option("bernoulli_refit", False,
            "`False`: a deterministic accumulator refits whenever the summed probability "
            "reaches 1 (rate exactly p, no variance); `True`: an independent Bernoulli(p) "
            "draw per step. The first step always refits.", boolean()),
     Option("preconditioner_lr", 0.1, f"μ, the preconditioner's learning rate, {_SCHEDULE}.",
-           interval(0.0, math.inf, lo_open=True)),
+           interval(0.0, math.inf, lo_open=True, schedule=True)),
     Option("preconditioner_init_scale", None,
            "`None` = data-driven global scale at the first step: (maxᵢ mean|gᵢ|⁴ + δ⁴)^(−1/8) "
            "for whitening, (Σ|v|²/Σ|Hv|²)^(1/4) for Newton fitting (exact for H = c·I); "
