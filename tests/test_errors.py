@@ -92,3 +92,131 @@ def test_string_for_a_number_names_the_option(factory, name):
 def test_bool_for_a_number_names_the_option(factory, name):
     with pytest.raises((TypeError, ValueError), match=f"`{name}`"):
         _build(factory, name, True)
+
+
+# -- 1. a grads tree that does not match the state names the first differing path --------
+
+_PARAMS = {"layer1": {"w": jnp.ones((3, 2)), "x": jnp.ones(2)}, "b": jnp.ones(2)}
+
+
+def _like(tree, **changes):
+    """`tree` with `changes` applied at dotted paths ("layer1.w": new value)."""
+    out = jax.tree.map(lambda x: x, tree)
+    for dotted, value in changes.items():
+        *parents, last = dotted.split(".")
+        node = out
+        for k in parents:
+            node = node[k]
+        if value is _DROP:
+            del node[last]
+        else:
+            node[last] = value
+    return out
+
+
+_DROP = object()
+
+
+@pytest.fixture(scope="module")
+def kron_and_state():
+    opt = pe.kron(1e-3)
+    return opt, opt.init(_PARAMS)
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        ({"layer1.y": jnp.ones(2)},
+         r"grads has key 'y' at \['layer1'\] but the optimizer state .* has keys \['w', 'x'\]"),
+        ({"layer1.x": _DROP}, r"grads lacks key 'x' at \['layer1'\].*keys \['w', 'x'\]"),
+        ({"layer1": jnp.ones(3)},
+         r"grads has a leaf of shape \(3,\) at \['layer1'\] where .* has a dict with keys"),
+        ({"b": {"c": jnp.ones(2)}},
+         r"grads has a dict with keys \['c'\] at \['b'\] where .* has a leaf \(with a KronQ"),
+        ({"layer1.w": None}, r"grads has None at \['layer1'\]\['w'\].*eqx.filter"),
+        ({"layer1.w": [jnp.ones(2)]}, r"grads has a list of length 1 at \['layer1'\]\['w'\]"),
+    ],
+)
+def test_mismatched_tree_names_the_first_differing_path(kron_and_state, changes, match):
+    opt, state = kron_and_state
+    with pytest.raises(ValueError, match=match):
+        opt.update(_like(_PARAMS, **changes), state, _PARAMS)
+
+
+def test_mismatched_lists_and_modules():
+    key = jax.random.PRNGKey(0)
+    model = [eqx.nn.Linear(2, 3, key=key), eqx.nn.Linear(3, 1, key=key)]
+    opt = pe.scale_by_psgd(_structure)
+    state = opt.init(model)
+    with pytest.raises(ValueError, match=r"grads has a list of length 1 at the top level .* "
+                                         r"has a list of length 2"):
+        opt.update(model[:1], state)
+    with pytest.raises(ValueError, match=r"grads has a tuple of length 2 at the top level"):
+        opt.update(tuple(model), state)
+    no_bias = [model[0], eqx.nn.Linear(3, 1, use_bias=False, key=key)]
+    with pytest.raises(ValueError, match=r"grads has a Linear at \[1\] whose static fields"):
+        opt.update(no_bias, state)
+    other = [model[0], eqx.nn.Conv1d(3, 1, 1, key=key)]
+    with pytest.raises(ValueError, match=r"grads has a Conv1d with children .* at \[1\] "
+                                         r"where .* has a Linear"):
+        opt.update(other, state)
+
+
+
+def test_none_gradient_where_the_params_had_none_passes():
+    key = jax.random.PRNGKey(0)
+    model = eqx.filter([eqx.nn.Linear(2, 3, key=key), eqx.nn.Lambda(jax.nn.relu)],
+                       eqx.is_inexact_array)
+    params = {"model": model, "frozen": None}
+    opt = pe.scale_by_psgd(_structure)
+    # traced only (no compile): the check runs before the step is traced
+    updates, _ = jax.eval_shape(opt.update, params, opt.init(params))
+    assert updates["frozen"] is None and updates["model"][1].fn is None
+
+
+def test_newton_pair_is_checked_too():
+    params = {"w": jnp.ones((2, 2))}
+    opt = pe.dense(1.0, per_leaf=True)
+    state = opt.init(params)
+    with pytest.raises(ValueError, match=r"Hvp at \['w'\] has shape \(4,\)"):
+        opt.update(params, state, params, Hvp={"w": jnp.ones(4)}, vector=params)
+    with pytest.raises(ValueError, match=r"vector has key 'v'"):
+        opt.update(params, state, params, Hvp=params, vector={"w": jnp.ones((2, 2)),
+                                                              "v": jnp.ones(1)})
+
+
+# -- 2. a wrong shape or dtype names the leaf ---------------------------------------------
+
+
+def test_wrong_shape_names_the_leaf_and_both_shapes(kron_and_state):
+    opt, state = kron_and_state
+    with pytest.raises(ValueError, match=r"grads at \['layer1'\]\['w'\] has shape \(2, 3\), "
+                                         r"but .* expects \(3, 2\)"):
+        opt.update(_like(_PARAMS, **{"layer1.w": jnp.ones((2, 3))}), state, _PARAMS)
+
+
+def test_wrong_shape_of_a_leaf_without_preconditioner_is_read_from_the_momentum():
+    params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}
+    opt = pe.scale_by_psgd(lambda path, leaf: None if leaf.ndim == 1 else _structure(path, leaf))
+    state = opt.init(params)
+    assert state.precond["b"] is None
+    with pytest.raises(ValueError, match=r"grads at \['b'\] has shape \(3,\), .* expects \(2,\)"):
+        opt.update({"w": jnp.ones((3, 2)), "b": jnp.ones(3)}, state)
+
+
+def test_wrong_size_of_the_global_group_names_its_leaves():
+    params = {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
+    opt = pe.xmat(b1=0.0)  # no momentum: the group's total size is the only record
+    state = opt.init(params)
+    with pytest.raises(ValueError, match=r"global group in grads \(\['a'\], \['b'\]\) have 8 "
+                                         r"elements.* built for 7"):
+        opt.update({"a": jnp.ones(4), "b": jnp.ones((2, 2))}, state, params)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_, jax.dtypes.float0])
+def test_non_floating_gradient_of_a_preconditioned_leaf(kron_and_state, dtype):
+    opt, state = kron_and_state
+    grads = _like(_PARAMS, **{"layer1.x": np.zeros(2, dtype)})
+    with pytest.raises(TypeError, match=r"grads at \['layer1'\]\['x'\] has dtype .*"
+                                        r"needs floating"):
+        opt.update(grads, state, _PARAMS)
