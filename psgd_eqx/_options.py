@@ -473,7 +473,9 @@ KRON: tuple[Option, ...] = (
            "leaves whose leading axis stacks layers (built with `eqx.filter_vmap`, run with "
            "`lax.scan`): a pytree of bools like the params, or a callable `(path, leaf) -> "
            "bool`. Each such leaf gets one preconditioner per layer "
-           "([`psgd_eqx.StackedQ`][]), the structure rules applied to one layer's shape."),
+           "([`psgd_eqx.StackedQ`][]), the structure rules applied to one layer's shape. "
+           "`optax.inject_hyperparams` takes a callable (a predicate, or an `eqx.Module` "
+           "with a `__call__`) for a schedule: list `scanned_layers` in its `static_args`."),
     Option("lax_map_scanned_layers", False,
            "run the per-layer work with `lax.map` over batches of `lax_map_batch_size` "
            "layers instead of one `vmap` (less peak memory for deep stacks).", boolean()),

@@ -220,3 +220,161 @@ def test_non_floating_gradient_of_a_preconditioned_leaf(kron_and_state, dtype):
     with pytest.raises(TypeError, match=r"grads at \['layer1'\]\['x'\] has dtype .*"
                                         r"needs floating"):
         opt.update(grads, state, _PARAMS)
+
+
+# -- 3. a structure that returns a preconditioner of the wrong shape fails at init --------
+
+
+def test_structure_of_the_wrong_shape_fails_at_init_naming_the_path():
+    params = {"enc": {"w": jnp.ones((3, 4))}}
+    opt = pe.scale_by_psgd(lambda path, leaf: pe.KronQ.init(leaf.shape[::-1]))
+    with pytest.raises(ValueError, match=r"KronQ of shape \(4, 3\) for \['enc'\]\['w'\], "
+                                         r"whose leaf has shape \(3, 4\)"):
+        opt.init(params)
+    flat = pe.scale_by_psgd(lambda path, leaf: pe.DiagQ.init((leaf.size,)))
+    with pytest.raises(ValueError, match=r"DiagQ of shape \(12,\) for \['enc'\]\['w'\]"):
+        flat.init(params)
+
+
+def test_global_structure_of_the_wrong_size_fails_at_init():
+    opt = pe.scale_by_psgd(lambda path, leaf: pe.GLOBAL,
+                           global_structure=lambda n, dtype: pe.DiagQ.init((n + 1,), dtype))
+    with pytest.raises(ValueError, match=r"global_structure\(12, \.\.\.\)` must return .* "
+                                         r"shape \(12,\).*got a DiagQ of shape \(13,\)"):
+        opt.init({"w": jnp.ones((3, 4))})
+
+
+# -- 5. integer, boolean and Python-scalar leaves -----------------------------------------
+#
+# `optax.adam` keeps an integer buffer for an int leaf and fails on its float0 gradient
+# (`jax.grad(..., allow_int=True)`); under strict promotion it also fails on integer zeros.
+# A Python float leaf is a 0-d array to it. psgd_eqx's rule (`_build.py`): a non-floating
+# leaf gets no preconditioner (`structure` is not called) and a zero update; a Python scalar
+# is a 0-d array.
+
+
+def _recording_structure(seen):
+    def structure(path, leaf):
+        seen.append(jax.tree_util.keystr(path))
+        return pe.DiagQ.init(leaf.shape)
+
+    return structure
+
+
+def test_non_floating_and_empty_leaves_get_no_preconditioner():
+    params = {"w": jnp.ones(2), "i": jnp.arange(3), "flag": jnp.array([True]),
+              "empty": jnp.ones((0, 4))}
+    seen = []
+    state = pe.scale_by_psgd(_recording_structure(seen)).init(params)
+    assert seen == ["['w']"]  # structure is called for floating, non-empty leaves only
+    assert state.precond["i"] is None and state.precond["flag"] is None
+    assert state.precond["empty"] is None
+    plan = pe.kron_plan(params)
+    assert plan["i"].factor_kinds == () and plan["i"].state_bytes == 0
+    assert plan["i"].describe() == "none"
+    assert pe.kron(1e-3).init(params)[0].precond["i"] is None
+
+
+_NEEDS_STEP = ("the step (_transform.py, not owned here) runs the momentum, the finite "
+               "check and the clip on non-floating gradients and Python-scalar leaves")
+
+
+@pytest.mark.xfail(strict=True, reason=_NEEDS_STEP)
+@pytest.mark.parametrize("grad", ["float0", "zeros"])
+def test_int_leaf_gets_a_zero_update(grad):
+    params = {"w": jnp.ones(2), "i": jnp.arange(3)}
+    opt = pe.scale_by_psgd(_structure)
+    state = opt.init(params)
+    if grad == "float0":
+        grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2), allow_int=True)(params)
+    else:
+        grads = {"w": 2 * params["w"], "i": jnp.zeros(3, jnp.int32)}
+    updates, _ = jax.eval_shape(opt.update, grads, state)
+    assert updates["i"].shape == (3,) and updates["i"].dtype == grads["i"].dtype
+
+
+def test_python_float_leaf_is_planned_as_a_0d_array():
+    plan = pe.kron_plan({"w": jnp.ones((2, 2)), "scale": 1.5})
+    assert plan["scale"].shape == () and plan["scale"].factor_kinds == ("diag",)
+    # without momentum (whose buffer the step builds from the leaf) init already works
+    state = pe.scale_by_psgd(_structure, b1=0.0).init({"scale": 1.5})
+    assert state.precond["scale"].shape == ()
+
+
+@pytest.mark.xfail(strict=True, reason=_NEEDS_STEP)
+def test_python_float_leaf_is_a_0d_array():
+    params = {"w": jnp.ones(2), "scale": 1.5}
+    opt = pe.scale_by_psgd(_structure)
+    state = opt.init(params)
+    updates, _ = jax.eval_shape(opt.update, {"w": jnp.ones(2), "scale": 0.5}, state)
+    assert updates["scale"].shape == ()
+
+
+# -- 6. scanned_layers as a tree of bools under optax.inject_hyperparams -----------------
+
+
+class _Block(eqx.Module):
+    w: jax.Array
+    b: jax.Array
+
+
+class _CallableBlock(_Block):
+    def __call__(self, x):
+        return x
+
+
+_SCAN_PARAMS = _Block(jnp.ones((2, 3, 3)), jnp.ones(3))
+
+
+@pytest.mark.parametrize("form", ["dict", "module", "callable module + static_args"])
+def test_scanned_layers_tree_under_inject_hyperparams(form):
+    params, static_args = _SCAN_PARAMS, ()
+    if form == "dict":
+        params = {"w": params.w, "b": params.b}
+        scanned = {"w": True, "b": False}
+    elif form == "module":
+        scanned = _Block(True, False)  # not callable: inject_hyperparams passes it as is
+    else:
+        scanned, static_args = _CallableBlock(True, False), ("scanned_layers",)
+    opt = optax.inject_hyperparams(pe.kron, static_args=static_args)(
+        learning_rate=1e-3, scanned_layers=scanned)
+    state = opt.init(params)
+    # the jitted update traced (compiling it adds nothing that depends on the form)
+    updates, state = jax.eval_shape(jax.jit(opt.update), params, state, params)
+    assert jax.tree.structure(updates) == jax.tree.structure(params)
+    precond = jax.tree.leaves(state.inner_state[0].precond,
+                              is_leaf=lambda x: isinstance(x, pe.AbstractPrecond))
+    assert sorted(isinstance(q, pe.StackedQ) for q in precond) == [False, True]
+
+
+def test_callable_module_without_static_args_names_static_args():
+    # inject_hyperparams takes any callable for a schedule and passes its value
+    opt = optax.inject_hyperparams(pe.kron)(
+        learning_rate=1e-3, scanned_layers=_CallableBlock(True, False))
+    with pytest.raises(ValueError, match=r"scanned_layers.*static_args=\(\"scanned_layers\""):
+        opt.init(_SCAN_PARAMS)
+
+
+def test_scanned_layers_must_hold_bools():
+    with pytest.raises(TypeError, match=r"scanned_layers.*got 0.5 at \['w'\]"):
+        pe.kron_plan({"w": jnp.ones((2, 3, 3))}, scanned_layers={"w": 0.5})
+
+
+# -- 7. kron_plan and init agree on empty leaves -----------------------------------------
+
+
+def test_plan_and_init_agree_on_empty_leaves():
+    params = {"a": jnp.ones((0, 4)), "b": jnp.ones((3, 0)), "c": jnp.ones((0,)),
+              "stack": jnp.ones((0, 3, 3)), "w": jnp.ones((3, 4))}
+    kw = dict(scanned_layers={"stack": True})
+    plan = pe.kron_plan(params, **kw)
+    precond = pe.scale_by_kron(**kw).init(params).precond
+    for name in ("a", "b", "c", "stack"):
+        assert precond[name] is None, name
+        assert plan[name].factor_kinds == () and plan[name].state_bytes == 0, name
+        assert plan[name].shape == params[name].shape
+    assert plan["w"].state_bytes == precond["w"].state_bytes > 0
+    assert sum(p.state_bytes for p in plan.values()) == sum(
+        q.state_bytes for q in jax.tree.leaves(
+            precond, is_leaf=lambda x: isinstance(x, pe.AbstractPrecond)))
+    assert "| `['a']` | (0, 4) | none | 0 |" in pe.plan_table(plan)
