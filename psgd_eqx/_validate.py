@@ -20,9 +20,7 @@ from ._global import GlobalSlot
 from ._precond.base import AbstractPrecond
 
 
-def _is_entry(x) -> bool:
-    """One parameter leaf's entry of `state.precond`."""
-    return x is None or isinstance(x, (AbstractPrecond, GlobalSlot))
+_STATE = "the optimizer state (from the params given to `init`)"
 
 
 def _is_leaf(x) -> bool:
@@ -77,8 +75,7 @@ def _first_difference(name: str, g, s, path, expect) -> str | None:
     """
     want = expect(s)
     where = _where(path)
-    mismatch = (f"{name} has {_describe(g)} at {where} where the optimizer state (from the "
-                f"params given to `init`) has {_describe(s)}.")
+    mismatch = f"{name} has {_describe(g)} at {where} where {_STATE} has {_describe(s)}."
     if want is not None:
         ok = (g is None and "None" in want) or (_is_leaf(g) and "leaf" in want)
         if g is None and not ok:
@@ -95,14 +92,12 @@ def _first_difference(name: str, g, s, path, expect) -> str | None:
             s_keys = sorted(s, key=str)
             extra = [k for k in sorted(g, key=str) if k not in s]
             if extra:
-                return (f"{name} has key {extra[0]!r} at {where} but the optimizer state "
-                        f"(from the params given to `init`) has keys {s_keys}.")
+                return f"{name} has key {extra[0]!r} at {where} but {_STATE} has keys {s_keys}."
             missing = [k for k in s_keys if k not in g]
-            return (f"{name} lacks key {missing[0]!r} at {where}; the optimizer state (from "
-                    f"the params given to `init`) has keys {s_keys}.")
+            return f"{name} lacks key {missing[0]!r} at {where}; {_STATE} has keys {s_keys}."
         if type(g) is type(s) and len(g_kids) == len(s_kids) and not isinstance(g, tuple):
             return (f"{name} has a {type(g).__name__} at {where} whose static fields differ "
-                    "from those of the params given to `init`.")
+                    f"from those in {_STATE}.")
         return mismatch
     for (k, gc), (_, sc) in zip(g_kids, s_kids):
         found = _first_difference(name, gc, sc, (*path, k), expect)
@@ -169,8 +164,8 @@ def _check_leaves(name: str, tree: PyTree, per_state: list[list]) -> None:
             want = None  # no record of this leaf's shape in the state
         if want is not None and tuple(shape) != want:
             raise ValueError(
-                f"{name} at {jax.tree_util.keystr(path)} has shape {tuple(shape)}, but the "
-                f"optimizer state (from the params given to `init`) expects {want}."
+                f"{name} at {jax.tree_util.keystr(path)} has shape {tuple(shape)}, but "
+                f"{_STATE} expects {want}."
             )
         if isinstance(q, (AbstractPrecond, GlobalSlot)) and not jnp.issubdtype(
             dtype, jnp.inexact
