@@ -1,15 +1,16 @@
 """Precondition and clip: the update of every leaf is clip(P·m).
 
-The clip is per tensor: first an RMS ceiling, then an element-wise bound (a magnitude
-bound for complex updates). Leaves without a preconditioner get the clipped momentum.
+The clip is per tensor (per layer of a scanned stack): first an RMS ceiling, then an
+element-wise bound (a magnitude bound for complex updates). Leaves without a
+preconditioner get the clipped momentum.
 """
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike
 
-from . import _global
-from ._bucket import bucketed_map
 from ._numerics import abs2, safe_rms
+from ._precond.stacked import StackedQ
 
 
 def clip(u: Array, max_rms: ArrayLike | None, max_element: ArrayLike | None) -> Array:
@@ -33,29 +34,16 @@ def clip(u: Array, max_rms: ArrayLike | None, max_element: ArrayLike | None) -> 
     return u
 
 
-def precondition(
-    preconds: tuple[list, object],
-    momenta: list[Array],
-    members: list[int],
-    max_rms: ArrayLike | None,
-    max_element: ArrayLike | None,
-    bucket: bool,
-) -> list[Array]:
-    """clip(P·m) for every leaf: per-leaf preconditioners (bucketed when `bucket`), the
-    global group's one over its concatenated leaves, and plain clipped momentum elsewhere.
-    """
-    qs, gq = preconds
+def clip_leaf(q, u: Array, max_rms: ArrayLike | None, max_element: ArrayLike | None
+              ) -> Array:
+    """`clip` of one leaf's update; a scanned stack ([`psgd_eqx.StackedQ`][]) is clipped
+    layer by layer, so one layer's gradient never changes another layer's update."""
+    if isinstance(q, StackedQ):
+        return jax.vmap(lambda x: clip(x, max_rms, max_element))(u)
+    return clip(u, max_rms, max_element)
 
-    def one(q, m):
-        return clip(q.apply(m), max_rms, max_element)
 
-    items = [None if q is None else (q, m) for q, m in zip(qs, momenta)]
-    out = bucketed_map(one, items, bucket)
-    out = [clip(m, max_rms, max_element) if q is None else u
-           for q, m, u in zip(qs, momenta, out)]
-    if gq is not None:
-        like = [momenta[i] for i in members]
-        flat = gq.apply(_global.concat(like))
-        for i, u in zip(members, _global.split(flat, like)):
-            out[i] = clip(u, max_rms, max_element)
-    return out
+def apply_leaf(q, m: Array, max_rms: ArrayLike | None, max_element: ArrayLike | None
+               ) -> Array:
+    """clip(P·m) of one leaf (clip(m) without a preconditioner)."""
+    return clip_leaf(q, m if q is None else q.apply(m), max_rms, max_element)

@@ -43,14 +43,74 @@ def bucketed_map(fn: Callable, items: Sequence[Any], enabled: bool = True) -> li
 
     **Returns:** the list of outputs, in the order of `items`.
     """
-    out: list[Any] = [None] * len(items)
-    for idx in buckets(items):
-        if len(idx) == 1 or not enabled:
-            for i in idx:
-                out[i] = fn(*items[i])
-            continue
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(items[i] for i in idx))
-        res = jax.vmap(lambda args: fn(*args))(stacked)
-        for j, i in enumerate(idx):
-            out[i] = jax.tree.map(lambda r, j=j: r[j], res)
-    return out
+    groups = Groups(items, enabled)
+    return groups.unstack(groups.map(lambda args: fn(*args), groups.stack(items)))
+
+
+class Groups:
+    """Leaves grouped once per step, so every stage of the step runs once per group.
+
+    `stack` turns per-leaf values into per-group values (a group of one keeps its value
+    as is; a larger group stacks its members' pytrees along a new leading axis), `map`
+    runs a per-leaf function on every group (directly, or under `vmap` for a stack), and
+    `unstack` returns to per-leaf values. Stacking the inputs once at the start of the
+    step and unstacking the outputs once at the end puts O(groups) ops into the graph for
+    the whole step (momentum, fit, apply, clip), plus one slice per leaf and field.
+
+    **Arguments:**
+
+    - `items`: one pytree per leaf (or `None`: such a leaf is in no group); leaves with
+        equal [`signature`][] share a group.
+    - `enabled`: `False` puts every item into a group of its own (no stacking).
+    """
+
+    def __init__(self, items: Sequence[Any], enabled: bool = True):
+        self.n = len(items)
+        groups = buckets(items)
+        if not enabled:
+            groups = [[i] for g in groups for i in g]
+        self.index: list[list[int]] = groups
+
+    def stacked(self, g: int) -> bool:
+        """Whether group `g` holds a stack (more than one leaf)."""
+        return len(self.index[g]) > 1
+
+    def stack(self, values: Sequence[Any]) -> list[Any]:
+        """Per-leaf values (pytrees with equal structure within a group) → per group."""
+        out = []
+        for g, idx in enumerate(self.index):
+            if self.stacked(g):
+                out.append(jax.tree.map(lambda *xs: jnp.stack(xs), *(values[i] for i in idx)))
+            else:
+                out.append(values[idx[0]])
+        return out
+
+    def unstack(self, values: Sequence[Any], fill: Any = None,
+                only: Sequence[int] | None = None) -> list[Any]:
+        """Per-group values → per leaf (`fill` where a leaf is in no group, or not in
+        `only` when that is given)."""
+        out: list[Any] = [fill] * self.n
+        wanted = None if only is None else set(only)
+        for g, idx in enumerate(self.index):
+            if wanted is not None and not wanted.intersection(idx):
+                continue
+            if self.stacked(g):
+                for j, i in enumerate(idx):
+                    if wanted is None or i in wanted:
+                        out[i] = jax.tree.map(lambda r, j=j: r[j], values[g])
+            else:
+                out[idx[0]] = values[g]
+        return out
+
+    def map(self, fn: Callable, *per_group: Sequence[Any]) -> list[Any]:
+        """`fn(*args)` of one leaf, on every group (vmapped over a stack)."""
+        out = []
+        for g in range(len(self.index)):
+            args = tuple(a[g] for a in per_group)
+            out.append(jax.vmap(fn)(*args) if self.stacked(g) else fn(*args))
+        return out
+
+    def indices(self) -> list[Any]:
+        """Each group's leaf indices as an int32 array (a stack) or a Python int."""
+        return [jnp.asarray(idx, jnp.int32) if len(idx) > 1 else idx[0]
+                for idx in self.index]

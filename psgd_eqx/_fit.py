@@ -1,19 +1,18 @@
 """The fit of the preconditioners: one Lie-group step each on a damped probe (v, h).
 
-Every refit of a step runs inside one `lax.cond` (not one per leaf); preconditioners of
-identical structure are fitted in one batched call per bucket (`_bucket.py`). bf16 storage
+Every refit of a step runs inside one `lax.cond` (not one per leaf, see `_step.py`);
+preconditioners of identical structure are fitted in one batched call per group
+(`_bucket.py`). bf16 storage
 is handled here once for every structure: the step is taken on an f32 copy and the result
 rounded stochastically.
 """
 
 import dataclasses
-from collections.abc import Callable
 
-import jax
 from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
-from . import _global
-from ._bucket import bucketed_map
+from . import _rng
+from ._bucket import Groups
 from ._norms import Normaliser
 from ._numerics import has_narrow_float, tree_cast_up, tree_stochastic_round
 from ._precond.base import AbstractPrecond
@@ -46,7 +45,7 @@ def fit_one(
 
     **Returns:** the refitted preconditioner (same dtypes as `q`).
     """
-    k_probe, k_step, k_round = jax.random.split(key, 3)
+    k_probe, k_step, k_round = _rng.split(key, 3)
     vv, hh = damped_probe(k_probe, x, s.damping, v)
     pass_v = vv if (s.newton or q.needs_v) else None
     narrow = s.stochastic_rounding and has_narrow_float(q)
@@ -57,36 +56,36 @@ def fit_one(
     return tree_stochastic_round(new, q, k_round) if narrow else new
 
 
-def refit_all(
+def refit_groups(
     preconds: tuple[list, AbstractPrecond | None],
-    key: PRNGKeyArray,
-    inputs: list[Array],
+    groups: Groups,
+    keys: list,
+    inputs: list,
     vectors: list,
-    members: list[int],
+    global_pair: tuple[Array, Array | None] | None,
+    global_key: PRNGKeyArray,
     s: FitSettings,
-    bucket: bool,
 ) -> tuple[list, AbstractPrecond | None]:
-    """Refit every per-leaf preconditioner (bucketed when `bucket`) and the global one.
+    """Refit every group's preconditioners (one `vmap`ped call per stacked group) and the
+    global one.
 
-    **Returns:** `(per-leaf preconditioners, global preconditioner)`.
+    **Arguments:**
+
+    - `preconds`: `(per-group preconditioners, None where a group has none; global one)`.
+    - `groups`: the step's [`Groups`][psgd_eqx._bucket.Groups].
+    - `keys`, `inputs`, `vectors`: per group, each leaf's key, fit input and Newton probe.
+    - `global_pair`: the global group's concatenated `(input, probe)`, or `None`.
+    - `global_key`: the global fit's key.
+    - `s`: the settings.
+
+    **Returns:** `(per-group preconditioners, global preconditioner)`.
     """
     qs, gq = preconds
-    keys = jax.random.split(key, len(qs) + 1)
-    items = [
-        None if q is None else (q, keys[i], x, v)
-        for i, (q, x, v) in enumerate(zip(qs, inputs, vectors))
-    ]
-    out = bucketed_map(lambda q, k, x, v: fit_one(q, k, x, v, s), items, bucket)
-    if gq is not None:
-        x = _global.concat([inputs[i] for i in members])
-        v = None if not s.newton else _global.concat([vectors[i] for i in members])
-        gq = fit_one(gq, keys[-1], x, v, s)
+
+    def one(q, k, x, v):  # groups without a preconditioner (None, global slot) keep it
+        return fit_one(q, k, x, v, s) if isinstance(q, AbstractPrecond) else q
+
+    out = groups.map(one, qs, keys, inputs, vectors)
+    if gq is not None and global_pair is not None:
+        gq = fit_one(gq, global_key, *global_pair, s)
     return out, gq
-
-
-def maybe_refit(
-    do_refit, preconds: tuple[list, AbstractPrecond | None], refit: Callable
-) -> tuple[list, AbstractPrecond | None]:
-    """`refit(preconds)` under one `lax.cond` on `do_refit`."""
-    qs, gq = preconds
-    return jax.lax.cond(do_refit, refit, lambda x: (list(x[0]), x[1]), (list(qs), gq))

@@ -7,8 +7,9 @@ untouched; a bf16 buffer is written with stochastic rounding (unbiased for tiny 
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Bool, Int, PRNGKeyArray, PyTree
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree
 
+from . import _rng
 from ._misc import concrete
 from ._numerics import compute_dtype, promote, stochastic_round
 
@@ -21,47 +22,68 @@ def init_momentum(params: PyTree, b1, mu_dtype) -> PyTree | None:
     """
     if concrete(b1) == 0:
         return None
-    return jax.tree.map(lambda p: jnp.zeros(p.shape, mu_dtype or p.dtype), params)
+    return jax.tree.map(lambda p: jnp.zeros(p.shape, _buffer_dtype(p.dtype, mu_dtype)), params)
 
 
-def update_momentum(
-    mu: list[Array],
-    grads: list[Array],
-    count: Int[Array, ""],
-    finite: Bool[Array, ""],
-    key: PRNGKeyArray,
-    *,
-    b1: ArrayLike,
-    warmup: bool,
-    stochastic_rounding: bool,
-) -> tuple[list[Array], list[Array]]:
-    """One EMA step per leaf.
+def _buffer_dtype(param_dtype, mu_dtype):
+    # A real `mu_dtype` on complex params would silently drop the imaginary part: the
+    # buffer keeps the requested precision but stays complex (as `precond_dtype` does).
+    if mu_dtype is None:
+        return param_dtype
+    if jnp.issubdtype(param_dtype, jnp.complexfloating) and not jnp.issubdtype(
+            mu_dtype, jnp.complexfloating):
+        return jnp.complex128 if jnp.dtype(mu_dtype).itemsize > 4 else jnp.complex64
+    return mu_dtype
+
+
+def coefficients(count: Int[Array, ""], b1: ArrayLike, warmup: bool
+                 ) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    """`(β, debias)` of this step (f32): the EMA factor and the bias correction 1 − βᵗ⁺¹.
 
     **Arguments:**
 
-    - `mu`, `grads`: the buffers and the gradients, leaf by leaf.
     - `count`: the step count before this step.
-    - `finite`: whether every gradient is finite (else the buffers are kept).
-    - `key`: randomness for stochastic rounding (folded with the leaf index).
-    - `b1`, `warmup`, `stochastic_rounding`: see [`psgd_eqx.scale_by_psgd`][].
+    - `b1`, `warmup`: see [`psgd_eqx.scale_by_psgd`][].
 
-    **Returns:** `(new_mu, m_hat)`: the stored buffers and the (debiased) momenta in the
-    gradients' dtypes.
+    **Returns:** two f32 scalars (debias is 1 with the reference's warm-up).
     """
     t = count.astype(jnp.float32)
     if warmup:
         beta = jnp.minimum(t / (t + 1.0), jnp.asarray(b1).astype(jnp.float32))
-        debias = jnp.ones([], jnp.float32)
-    else:
-        beta = jnp.asarray(b1).astype(jnp.float32)
-        debias = 1.0 - beta ** (t + 1.0)
-    new_mu, m_hat = [], []
-    for i, (m, g) in enumerate(zip(mu, grads)):
-        cd = compute_dtype(promote(m.dtype, g.dtype))
-        nm = beta.astype(cd) * m.astype(cd) + (1.0 - beta).astype(cd) * g.astype(cd)
-        written = nm.astype(m.dtype)
-        if stochastic_rounding and jnp.dtype(m.dtype) == jnp.dtype(jnp.bfloat16):
-            written = stochastic_round(nm, m.dtype, jax.random.fold_in(key, i))
-        new_mu.append(jnp.where(finite, written, m))
-        m_hat.append((nm / debias.astype(cd)).astype(g.dtype))
-    return new_mu, m_hat
+        return beta, jnp.ones([], jnp.float32)
+    beta = jnp.asarray(b1).astype(jnp.float32)
+    return beta, 1.0 - beta ** (t + 1.0)
+
+
+def step(
+    m: Array,
+    g: Array,
+    index: Int[ArrayLike, ""],
+    *,
+    beta: Float[Array, ""],
+    debias: Float[Array, ""],
+    finite: Bool[Array, ""],
+    key: PRNGKeyArray,
+    stochastic_rounding: bool,
+) -> tuple[Array, Array]:
+    """One EMA step of one leaf.
+
+    **Arguments:**
+
+    - `m`, `g`: the leaf's buffer and gradient.
+    - `index`: the leaf's position in flattening order (folded into `key`, so every leaf
+        rounds with its own bits, bucketed or not).
+    - `beta`, `debias`: from [`coefficients`][].
+    - `finite`: whether every gradient is finite (else the buffer is kept).
+    - `key`: randomness for stochastic rounding of a bf16 buffer.
+    - `stochastic_rounding`: see [`psgd_eqx.scale_by_psgd`][].
+
+    **Returns:** `(new_m, m_hat)`: the stored buffer and the (debiased) momentum in the
+    gradient's dtype.
+    """
+    cd = compute_dtype(promote(m.dtype, g.dtype))
+    nm = beta.astype(cd) * m.astype(cd) + (1.0 - beta).astype(cd) * g.astype(cd)
+    written = nm.astype(m.dtype)
+    if stochastic_rounding and jnp.dtype(m.dtype) == jnp.dtype(jnp.bfloat16):
+        written = stochastic_round(nm, m.dtype, _rng.fold_in(key, index))
+    return jnp.where(finite, written, m), (nm / debias.astype(cd)).astype(g.dtype)

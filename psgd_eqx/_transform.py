@@ -1,42 +1,32 @@
 """The optimizer around Q: `PSGDState` and the generic `scale_by_psgd` core.
 
-One step, all on device (no host sync), each part in the file named after it:
-
-1. momentum (`_momentum.py`);
-2. the refit decision (`_refit.py`), never on non-finite input; the fit inputs averaged
-   since the last refit with `precond_grad_accum` (`_accum.py`);
-3. at step 0, the data-driven init scale (`_init_scale.py`);
-4. one `lax.cond` around *all* refits of the step (`_fit.py`), before or after the apply;
-5. precondition and clip (`_apply.py`); leaves of the global group share one
-   preconditioner over their concatenation (`_global.py`).
+`init` builds the preconditioners (`_build.py`); `update` checks its inputs
+(`_validate.py`) and runs one step, all on device with no host sync (`_step.py`, which
+lists the parts). Called outside a trace, `update` runs a cached compiled step
+(`_eager.py`).
 """
 
 import inspect
-from collections.abc import Callable
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from . import _global
-from ._accum import accumulate, init_fit_accum, restart_after_refit
-from ._apply import precondition
+from ._accum import init_fit_accum
 from ._build import build_preconds
 from ._eager import eager_cached
-from ._fit import FitSettings, maybe_refit, refit_all
 from ._global import GLOBAL as GLOBAL, GlobalSlot
-from ._init_scale import rescale_at_first_step
 from ._misc import as_key, concrete
-from ._momentum import init_momentum, update_momentum
+from ._momentum import init_momentum
 from ._norms import Normaliser
-from ._numerics import tree_all_finite
 from ._options import TRANSFORM, Options, takes
 from ._precond.base import AbstractPrecond
-from ._refit import refit_decision
 from ._schedules import as_schedule
+from ._step import step
 from ._validate import check_update_inputs
 
 
@@ -142,85 +132,7 @@ def scale_by_psgd(o: Options) -> optax.GradientTransformationExtraArgs:
                   update_preconditioner=None, **extra_args):
         del params, extra_args
         check_update_inputs(updates, state, Hvp, vector)
-        return _step(o, probability, precond_lr, updates, state, Hvp, vector,
+        return step(o, probability, precond_lr, updates, state, Hvp, vector,
                      update_preconditioner)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _step(
-    o: Options,
-    probability: Callable,
-    precond_lr: Callable,
-    grads: PyTree,
-    state: PSGDState,
-    hvp: PyTree | None,
-    vector: PyTree | None,
-    override: bool | Bool[ArrayLike, ""] | None,
-) -> tuple[PyTree, PSGDState]:
-    """One `update` of `scale_by_psgd` (see the module docstring for the parts)."""
-    newton = hvp is not None
-    g_leaves, treedef = jax.tree.flatten(grads)
-    slots = treedef.flatten_up_to(state.precond)
-    members = _global.members(slots)
-    qs = [None if _global.is_slot(q) else q for q in slots]
-    gq = state.global_precond if members else None
-    count, finite = state.count, tree_all_finite(grads)
-    key, k_refit, k_draw, k_round = jax.random.split(state.key, 4)
-
-    mu, m_hat = None, g_leaves
-    if state.mu is not None:
-        mu_leaves, m_hat = update_momentum(
-            treedef.flatten_up_to(state.mu), g_leaves, count, finite, k_round, b1=o.b1,
-            warmup=o.momentum_warmup, stochastic_rounding=o.stochastic_rounding)
-        mu = jax.tree.unflatten(treedef, mu_leaves)
-
-    if newton:
-        inputs, vectors = treedef.flatten_up_to(hvp), treedef.flatten_up_to(vector)
-        fit_ok = finite & tree_all_finite(hvp) & tree_all_finite(vector)
-    else:
-        inputs, vectors = (g_leaves if o.whiten_grad else m_hat), [None] * len(g_leaves)
-        fit_ok = finite
-    fit_accum = state.fit_accum
-    if fit_accum is not None and not newton:
-        sums, n, inputs = accumulate(treedef.flatten_up_to(fit_accum[0]), fit_accum[1],
-                                     inputs, finite)
-    do_refit, acc = refit_decision(count, state.refit_accumulator, fit_ok, k_draw,
-                                   probability=probability, bernoulli=o.bernoulli_refit,
-                                   override=override)
-    if o.preconditioner_init_scale is None:
-        qs, gq = rescale_at_first_step(count, (qs, gq), newton=newton, grads=g_leaves,
-                                       vectors=vectors, fit_inputs=inputs, damping=o.damping)
-
-    settings = FitSettings(newton, o.damping, precond_lr(count), state.normaliser,
-                           o.balance_probability, o.stochastic_rounding)
-
-    def refit(preconds):
-        return refit_all(preconds, k_refit, inputs, vectors, members, settings,
-                         o.bucket_leaves is not False)
-
-    # decided when the update is traced, i.e. for the backend it is compiled for
-    bucket_apply = o.bucket_leaves is True or (
-        o.bucket_leaves == "auto" and jax.default_backend() != "cpu")
-
-    def apply(preconds):
-        return precondition(preconds, m_hat, members, o.grad_clip_max_amp,
-                            o.grad_clip_max_element, bucket_apply)
-
-    if o.update_preconditioner_first:
-        qs, gq = maybe_refit(do_refit, (qs, gq), refit)
-        out = apply((qs, gq))
-    else:
-        out = apply((qs, gq))
-        qs, gq = maybe_refit(do_refit, (qs, gq), refit)
-
-    if fit_accum is not None and not newton:
-        sums, n = restart_after_refit(sums, n, do_refit)
-        fit_accum = (jax.tree.unflatten(treedef, sums), n)
-    slots = [s if _global.is_slot(s) else q for s, q in zip(slots, qs)]
-    new_state = PSGDState(
-        optax.safe_increment(count), key, mu, jax.tree.unflatten(treedef, slots), acc,
-        state.refits + do_refit.astype(jnp.int32), gq if members else state.global_precond,
-        fit_accum, state.normaliser,
-    )
-    return jax.tree.unflatten(treedef, out), new_state

@@ -1,0 +1,196 @@
+"""One `update` of `scale_by_psgd`, run once per group of identical leaves.
+
+The parts, in order, each in the file named after it:
+
+1. momentum (`_momentum.py`);
+2. the refit decision (`_refit.py`), never on non-finite input; the fit inputs averaged
+   since the last refit with `precond_grad_accum` (`_accum.py`);
+3. at step 0, the data-driven init scale (`_init_scale.py`);
+4. one `lax.cond` around *all* refits of the step (`_fit.py`), before or after the apply;
+5. precondition and clip (`_apply.py`); leaves of the global group share one
+   preconditioner over their concatenation (`_global.py`).
+
+Why groups: a model has many leaves but few distinct shapes (every layer's query weight
+looks alike). Leaves whose gradient, momentum, preconditioner, ... have identical
+structure form a group (`_bucket.Groups`); their inputs are stacked once at the start,
+every part runs once per group (under `vmap` for a stack), and the outputs are unstacked
+once at the end. Compile time and per-step dispatch overhead then grow with the number of
+groups, not of leaves; every leaf keeps its own keys, so the numbers do not depend on the
+grouping (up to float rounding).
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, ArrayLike, Bool, PyTree
+
+from . import _global, _momentum, _rng
+from ._accum import accumulate, restart_after_refit
+from ._apply import apply_leaf, clip
+from ._bucket import Groups
+from ._fit import FitSettings, refit_groups
+from ._init_scale import grad_stats, log_sum_abs2, scale_from_grad_stats, scale_from_hvp_logs
+from ._numerics import tree_all_finite
+from ._options import Options
+from ._refit import refit_decision
+
+
+def _has_q(q) -> bool:
+    return q is not None and not _global.is_slot(q)
+
+
+def _map_q(groups: Groups, fn: Callable, qs: list, *args: list) -> list:
+    """`fn(q, *args)` on the groups that have a preconditioner; the others keep theirs."""
+    out = list(qs)
+    for g, q in enumerate(qs):
+        if _has_q(q):
+            one = tuple(a[g] for a in args)
+            out[g] = jax.vmap(fn)(q, *one) if groups.stacked(g) else fn(q, *one)
+    return out
+
+
+def _ravel(values: list[Array]) -> Array:
+    return jnp.concatenate([jnp.ravel(v) for v in values])
+
+
+def _first_step_scale(o: Options, groups: Groups, newton: bool, grads: list, vectors: list,
+                      inputs: list, finite: Bool[Array, ""]):
+    """The data-driven init scale from every (non-empty) leaf, one stat per leaf."""
+    live = [g for g, x in enumerate(grads) if x.size > 0]
+    if not live:
+        return jnp.ones((), jnp.float32)
+    if newton:
+        v_logs, h_logs = groups.map(log_sum_abs2, vectors), groups.map(log_sum_abs2, inputs)
+        v_logs, h_logs = _ravel([v_logs[g] for g in live]), _ravel([h_logs[g] for g in live])
+        ok = tree_all_finite([vectors[g] for g in live]) & tree_all_finite(
+            [inputs[g] for g in live])
+        return scale_from_hvp_logs(v_logs, h_logs, ok)
+    stats = groups.map(grad_stats, grads)
+    return scale_from_grad_stats(_ravel([stats[g][0] for g in live]),
+                                 _ravel([stats[g][1] for g in live]), finite, o.damping)
+
+
+def step(
+    o: Options,
+    probability: Callable,
+    precond_lr: Callable,
+    grads: PyTree,
+    state,
+    hvp: PyTree | None,
+    vector: PyTree | None,
+    override: bool | Bool[ArrayLike, ""] | None,
+):
+    """One `update` of [`psgd_eqx.scale_by_psgd`][] (see the module docstring).
+
+    **Returns:** `(updates, new PSGDState)`.
+    """
+    newton = hvp is not None
+    g_leaves, treedef = jax.tree.flatten(grads)
+    n = len(g_leaves)
+
+    def per_leaf(tree):
+        return [None] * n if tree is None else treedef.flatten_up_to(tree)
+
+    slots = treedef.flatten_up_to(state.precond)
+    members = _global.members(slots)
+    accum = state.fit_accum if not newton else None
+    items = list(zip(slots, g_leaves, per_leaf(state.mu), per_leaf(hvp), per_leaf(vector),
+                     per_leaf(None if accum is None else accum[0])))
+    groups = Groups(items, enabled=o.bucket_leaves is not False)
+    qs, grads_g, mu, hvps, vectors, sums = (list(x) for x in zip(*groups.stack(items)))
+    gq = state.global_precond if members else None
+    count, finite = state.count, tree_all_finite(grads_g)
+    key, k_refit, k_draw, k_round = jax.random.split(state.key, 4)
+
+    m_hat = grads_g
+    if state.mu is not None:
+        beta, debias = _momentum.coefficients(count, o.b1, o.momentum_warmup)
+
+        def momentum(m, g, i):
+            return _momentum.step(m, g, i, beta=beta, debias=debias, finite=finite,
+                                  key=k_round, stochastic_rounding=o.stochastic_rounding)
+
+        mu, m_hat = (list(x) for x in zip(*groups.map(momentum, mu, grads_g,
+                                                         groups.indices())))
+
+    if newton:
+        inputs = hvps
+        fit_ok = finite & tree_all_finite(hvps) & tree_all_finite(vectors)
+    else:
+        inputs, vectors = (grads_g if o.whiten_grad else m_hat), [None] * len(qs)
+        fit_ok = finite
+    if accum is not None:
+        sums, n_acc, inputs = accumulate(sums, accum[1], inputs, finite)
+    do_refit, acc = refit_decision(count, state.refit_accumulator, fit_ok, k_draw,
+                                   probability=probability, bernoulli=o.bernoulli_refit,
+                                   override=override)
+    if o.preconditioner_init_scale is None:
+        def rescale(preconds):
+            scale = _first_step_scale(o, groups, newton, grads_g, vectors, inputs, finite)
+            qs_, gq_ = preconds
+            return (_map_q(groups, lambda q: q.rescale(scale), qs_),
+                    None if gq_ is None else gq_.rescale(scale))
+
+        qs, gq = jax.lax.cond(count == 0, rescale, lambda x: x, (qs, gq))
+
+    settings = FitSettings(newton, o.damping, precond_lr(count), state.normaliser,
+                           o.balance_probability, o.stochastic_rounding)
+
+    def refit(preconds):
+        keys = _rng.split(k_refit, n + 1)  # leaf i's key is keys[i], bucketed or not
+        per_group_keys = [keys[i] for i in groups.indices()]
+        pair = None
+        if members:
+            x = groups.unstack(inputs, only=members)
+            v = groups.unstack(vectors, only=members)
+            pair = (_global.concat([x[i] for i in members]),
+                    _global.concat([v[i] for i in members]) if newton else None)
+        return refit_groups(preconds, groups, per_group_keys, inputs, vectors, pair,
+                            keys[-1], settings)
+
+    def apply(preconds):
+        qs_, gq_ = preconds
+
+        def one(q, m):
+            return None if _global.is_slot(q) else apply_leaf(
+                q, m, o.grad_clip_max_amp, o.grad_clip_max_element)
+
+        out = groups.unstack(groups.map(one, qs_, m_hat))
+        if members:
+            like = groups.unstack(m_hat, only=members)
+            like = [like[i] for i in members]
+            flat = gq_.apply(_global.concat(like))
+            for i, u in zip(members, _global.split(flat, like)):
+                out[i] = clip(u, o.grad_clip_max_amp, o.grad_clip_max_element)
+        return out
+
+    def maybe_refit(preconds):
+        return jax.lax.cond(do_refit, refit, lambda x: x, preconds)
+
+    if o.update_preconditioner_first:
+        qs, gq = maybe_refit((qs, gq))
+        out = apply((qs, gq))
+    else:
+        out = apply((qs, gq))
+        qs, gq = maybe_refit((qs, gq))
+
+    fit_accum = state.fit_accum
+    if accum is not None:
+        sums, n_acc = restart_after_refit(sums, n_acc, do_refit)
+        fit_accum = (jax.tree.unflatten(treedef, groups.unstack(sums)), n_acc)
+    new_mu = None if state.mu is None else jax.tree.unflatten(treedef, groups.unstack(mu))
+    new_state = dataclasses.replace(
+        state,
+        count=optax.safe_increment(count),
+        key=key,
+        mu=new_mu,
+        precond=jax.tree.unflatten(treedef, groups.unstack(qs)),
+        refit_accumulator=acc,
+        refits=state.refits + do_refit.astype(jnp.int32),
+        global_precond=gq if members else state.global_precond,
+        fit_accum=fit_accum,
+    )
+    return jax.tree.unflatten(treedef, out), new_state
