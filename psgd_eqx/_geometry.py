@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
+from . import _rng
 from ._norms import Normaliser
 from ._numerics import promote, real_dtype
 from ._ops import eq_triangular_step
@@ -415,7 +416,7 @@ def procrustes_until_hermitian(q: Array, key: PRNGKeyArray, normaliser: Normalis
 
     def body(carry):
         i, p, k = carry
-        k, sub = jax.random.split(k)
+        k, sub = _rng.split(k)
         return i + 1, procrustes_step3(p, sub, normaliser), k
 
     _, q, _ = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), q, key))
@@ -531,7 +532,7 @@ def fit_factor(
 
     **Returns:** `(new factor, new L)`.
     """
-    k_ell, k_step = jax.random.split(key)
+    k_ell, k_step = _rng.split(key)
     ell = dense_lipschitz(t1, t2, k_ell, normaliser) if dense else diag_lipschitz(t1, t2)
     big_l, eta = normaliser.step(old_l, ell, lr)
     if dense:
@@ -574,5 +575,5 @@ def maybe_balance(
             return factors
         if probability >= 1.0:
             return balance_factors(factors)
-    do = jax.random.uniform(key) < jnp.asarray(probability).astype(jnp.float32)
+    do = _rng.bernoulli(key, probability)
     return jax.lax.cond(do, balance_factors, lambda f: f, factors)

@@ -7,10 +7,10 @@ always kept in f32 (or f64 for f64 params), never in the (possibly bf16) storage
 """
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from . import _rng
 from ._numerics import abs2, compute_dtype, real_dtype
 
 
@@ -24,7 +24,7 @@ def _aligned_start(a: Array, key: PRNGKeyArray, k: int) -> Array:
     # of very low rank (the reference's branchless variant).
     j = jnp.argmax(_row_norms(a))
     aj = a[j]
-    v = jax.random.normal(key, (k, a.shape[1]), a.dtype)
+    v = _rng.normal(key, (k, a.shape[1]), a.dtype)
     dots = jnp.sum(aj[None, :] * jnp.conj(v), axis=1, keepdims=True)
     if jnp.issubdtype(a.dtype, jnp.complexfloating):
         mag = jnp.abs(dots)

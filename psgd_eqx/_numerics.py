@@ -9,6 +9,8 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, PyTree
 
+from . import _rng
+
 
 def promote(*dtypes: DTypeLike) -> jnp.dtype:
     """Standard JAX type promotion of dtypes, also under the strict promotion mode.
@@ -116,7 +118,7 @@ def stochastic_round(x: Array, dtype, key) -> Array:
         return x.astype(dtype)
     x32 = x.astype(jnp.float32)
     bits = jax.lax.bitcast_convert_type(x32, jnp.uint32)
-    noise = jax.random.bits(key, x32.shape, jnp.uint32) & jnp.uint32(0xFFFF)
+    noise = _rng.bits(key, x32.shape) & jnp.uint32(0xFFFF)
     special = ~jnp.isfinite(x32)
     rounded = (bits + noise) & jnp.uint32(0xFFFF0000)
     out = jax.lax.bitcast_convert_type(jnp.where(special, bits, rounded), jnp.float32)
@@ -127,7 +129,7 @@ def tree_stochastic_round(new: PyTree, like: PyTree, key) -> PyTree:
     """`stochastic_round` every array of `new` to the dtype of its twin in `like`."""
     leaves, treedef = jax.tree.flatten(new)
     likes = treedef.flatten_up_to(like)
-    keys = jax.random.split(key, max(len(leaves), 1))
+    keys = _rng.split(key, max(len(leaves), 1))
     out = [
         stochastic_round(x, y.dtype, k) if hasattr(x, "dtype") else x
         for x, y, k in zip(leaves, likes, keys)

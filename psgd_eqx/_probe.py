@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, PRNGKeyArray, PyTree
 
+from . import _rng
 from ._eager import is_traced
 from ._misc import concrete
 from ._numerics import compute_dtype, real_dtype
@@ -43,7 +44,7 @@ def damped_probe(
     """
     dtype = compute_dtype(x.dtype)
     x = x.astype(dtype)
-    noise = jax.random.normal(key, x.shape, dtype)
+    noise = _rng.normal(key, x.shape, dtype)
     eps = jnp.finfo(real_dtype(dtype)).eps
     delta = jnp.asarray(damping, real_dtype(dtype))
     scale = (delta + eps * jnp.abs(x)).astype(dtype)

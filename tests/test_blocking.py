@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import psgd_eqx
-from psgd_eqx import BlockedQ, KronQ, kron_plan
+from psgd_eqx import BlockedQ, KronQ, _rng, kron_plan
 from psgd_eqx._shapes import block_pieces, from_blocks, to_blocks
 
 
@@ -57,8 +57,8 @@ def test_blocked_fit_equals_unblocked_fits_of_each_block():
         new = step(q, h, k)
         # the same step by hand, block by block, with BlockedQ's key derivation
         hs = to_blocks(h, q.pieces)
-        for gi, (grp, hb, kg) in enumerate(zip(q.groups, hs, jax.random.split(k, len(hs)))):
-            for bi, kb in enumerate(jax.random.split(kg, hb.shape[0])):
+        for gi, (grp, hb, kg) in enumerate(zip(q.groups, hs, _rng.split(k, len(hs)))):
+            for bi, kb in enumerate(_rng.split(kg, hb.shape[0])):
                 one = jax.tree.map(lambda x: x[bi], grp)
                 want = step(one, hb[bi], kb)
                 got = jax.tree.map(lambda x: x[bi], new.groups[gi])

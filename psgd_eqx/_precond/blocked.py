@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PRNGKeyArray, Shaped
 
+from .. import _rng
 from .._norms import Normaliser
 from .._shapes import (
     Pieces,
@@ -131,8 +132,8 @@ class BlockedQ(AbstractPrecond):
         hs = to_blocks(h.reshape(self.axes), self.pieces)
         vs = [None] * len(hs) if v is None else to_blocks(v.reshape(self.axes), self.pieces)
         new = []
-        for q, vb, hb, k in zip(self.groups, vs, hs, jax.random.split(key, len(hs))):
-            keys = jax.random.split(k, hb.shape[0])
+        for q, vb, hb, k in zip(self.groups, vs, hs, _rng.split(key, len(hs))):
+            keys = _rng.split(k, hb.shape[0])
             new.append(batched_update(
                 q, vb, hb, keys, lambda fn, *xs: jax.vmap(fn)(*xs), lr=lr,
                 normaliser=normaliser, balance_probability=balance_probability,

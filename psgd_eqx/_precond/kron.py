@@ -3,10 +3,10 @@ import string
 from typing import ClassVar
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
+from .. import _rng
 from .._geometry import (
     AbstractContractions,
     GeometrySpec,
@@ -297,7 +297,7 @@ class KronQ(AbstractGeometryPrecond):
         """Every factor's step on its statistics, then (maybe) a rebalance of the factors."""
         spec = GeometrySpec(self.geometry)
         cd = compute_dtype(promote(self.factors[0].dtype, h.dtype))
-        key_bal, key_fac = jax.random.split(key)
+        key_bal, key_fac = _rng.split(key)
         qs = tuple(f.astype(cd) for f in self.factors)
         if spec.balance_every_update:
             qs = balance_factors(qs)
@@ -306,7 +306,7 @@ class KronQ(AbstractGeometryPrecond):
         vv = None if v is None else v.reshape(self.axes_shape).astype(cd)
         stats = fit_statistics(spec.name, ops, x, vv)
 
-        keys = jax.random.split(key_fac, len(qs))
+        keys = _rng.split(key_fac, len(qs))
         lr = jnp.asarray(lr, real_dtype(cd))
         old_l = self.lipschitz.astype(real_dtype(cd))
         new_qs, new_l = zip(*(

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
+from .. import _rng
 from .._geometry import diag_step
 from .._norms import Normaliser
 from .._numerics import compute_dtype, is_complex, promote, real_dtype
@@ -66,7 +67,7 @@ def _step_u_or_v(u, vm, a, b, ip_vtu, l_u, l_v, lr, key, normaliser: Normaliser)
         grad = (a + vm @ atu.T) @ atu - (b + vm @ btu.T) @ btu
         return u, vm - eta * grad, l_u, new_l
 
-    return jax.lax.cond(jax.random.bernoulli(key), step_u, step_v, None)
+    return jax.lax.cond(_rng.bernoulli(key), step_u, step_v, None)
 
 
 class LRAQ(AbstractPrecond):

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, PRNGKeyArray, Shaped
 
+from .. import _rng
 from .._norms import Normaliser
 from .base import AbstractPrecond, batched_update, check_shape
 
@@ -108,7 +109,7 @@ class StackedQ(AbstractPrecond):
         balance_probability: float | ArrayLike,
     ) -> "StackedQ":
         """Every layer's own `update` on its slice of (v, h), each with its own key."""
-        keys = jax.random.split(key, self.layers)
+        keys = _rng.split(key, self.layers)
         inner = batched_update(self.inner, v, h, keys, self._map, lr=lr,
                                normaliser=normaliser, balance_probability=balance_probability)
         return StackedQ(inner, self.shape, self.map_batch_size)

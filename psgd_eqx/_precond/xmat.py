@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
+from .. import _rng
 from .._geometry import (
     GeometrySpec,
     MatrixContractions,
@@ -167,7 +168,7 @@ class XMatQ(AbstractGeometryPrecond):
         hf = h.reshape(-1).astype(cd)
         vf = None if v is None else v.reshape(-1).astype(cd)
         vp = None if vf is None else _pairs(vf, m)
-        k_ell, k_step, k_mid = jax.random.split(key, 3)
+        k_ell, k_step, k_mid = _rng.split(key, 3)
 
         def stats(b, xk, vk):
             ops = MatrixContractions(b, spec.stores_p, _inv_h_times)

@@ -1,0 +1,102 @@
+"""Cheap counter-based randomness for the fits.
+
+Every refit draws a few random arrays per preconditioner: the probe v, the start of the
+norm bound's subspace iteration, the steps of a Procrustes loop, a balance decision,
+stochastic-rounding bits. With JAX's default threefry each draw (and each `split`) is its
+own 20-round cipher in the graph: those calls were most of a refit's compile time, three
+times more under the `vmap` of a bucket. The fits therefore draw from this module
+instead. A key is two uint32 words (a JAX key of any implementation is accepted and
+folded to two words); the bits at position c are an integer hash of c mixed with the key
+(two rounds of Wellons' `lowbias32`), a few elementwise ops that XLA fuses into one loop.
+
+The quality is ample for what the fits need (Gaussian probes and subspace starts, coin
+flips, rounding dither); it is not meant for anything else. Every draw depends only on
+(key, position), so a bucket under `vmap` draws exactly what its leaves would draw one by
+one. The optimizer state keeps a JAX key; each step derives the per-leaf keys from it with
+one threefry `split`.
+"""
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Bool, Float, UInt32
+
+
+# Distinct constants separate the streams of `split`, `fold_in` and the draws of one key.
+_SPLIT = np.uint32(0x9E3779B9)
+_FOLD = np.uint32(0x85EBCA6B)
+_DRAW = np.uint32(0xC2B2AE35)
+
+
+def _mix(x: Array) -> Array:
+    """lowbias32: a bijective 32-bit integer hash with good avalanche."""
+    x = x ^ (x >> 16)
+    x = x * np.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * np.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def words(key: ArrayLike) -> UInt32[Array, "2"]:
+    """Any key (a typed JAX key, a raw uint32 key of any length, our two words) as two
+    uint32 words."""
+    key = jnp.asarray(key)
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    w = key.astype(jnp.uint32).reshape(-1)
+    if w.shape[0] == 2:
+        return w
+    if w.shape[0] % 2:
+        w = jnp.concatenate([w, jnp.zeros((1,), jnp.uint32)])
+    pairs = w.reshape(-1, 2)
+    return jax.lax.reduce(pairs, np.uint32(0), jax.lax.bitwise_xor, (0,))
+
+
+def _hash(key: ArrayLike, counter: Array, stream: np.uint32) -> Array:
+    w = words(key)
+    return _mix(_mix(counter ^ _mix(w[0] ^ stream)) + w[1])
+
+
+def bits(key: ArrayLike, shape: Sequence[int]) -> UInt32[Array, "..."]:
+    """Uniform uint32 bits of the given shape."""
+    n = math.prod(shape)
+    return _hash(key, jnp.arange(n, dtype=jnp.uint32), _DRAW).reshape(shape)
+
+
+def split(key: ArrayLike, num: int = 2) -> UInt32[Array, "num 2"]:
+    """`num` independent keys (two words each) derived from `key`."""
+    return _hash(key, jnp.arange(2 * num, dtype=jnp.uint32), _SPLIT).reshape(num, 2)
+
+
+def fold_in(key: ArrayLike, data: ArrayLike) -> UInt32[Array, "2"]:
+    """A key derived from `key` and an integer (e.g. a leaf index)."""
+    d = jnp.asarray(data).astype(jnp.uint32)
+    return _hash(key, jnp.stack([d, d]) * np.uint32(2) + jnp.arange(2, dtype=jnp.uint32),
+                 _FOLD)
+
+
+def uniform(key: ArrayLike, shape: Sequence[int] = ()) -> Float[Array, "..."]:
+    """f32 uniform on [0, 1) with 24 random bits."""
+    return (bits(key, shape) >> 8).astype(jnp.float32) * np.float32(2.0 ** -24)
+
+
+def bernoulli(key: ArrayLike, p: ArrayLike = 0.5) -> Bool[Array, ""]:
+    """One coin flip, True with probability `p`."""
+    return uniform(key) < jnp.asarray(p).astype(jnp.float32)
+
+
+def normal(key: ArrayLike, shape: Sequence[int], dtype=jnp.float32) -> Array:
+    """Standard normal samples (complex dtypes: real and imaginary parts each of variance
+    1/2, as `jax.random.normal`). Drawn in f32 (f64 dtypes get f32-accurate samples)."""
+    complex_ = jnp.issubdtype(dtype, jnp.complexfloating)
+    raw = bits(key, (2, *shape) if complex_ else tuple(shape))
+    # the midpoint of each of the 2²⁴ cells: u ∈ (0, 1), so erf⁻¹ stays finite
+    u = ((raw >> 8).astype(jnp.float32) + 0.5) * np.float32(2.0 ** -24)
+    z = np.float32(math.sqrt(2.0)) * jax.lax.erf_inv(2.0 * u - 1.0)
+    if complex_:
+        half = np.float32(math.sqrt(0.5))
+        z = jax.lax.complex(z[0] * half, z[1] * half)
+    return z.astype(dtype)
