@@ -117,12 +117,6 @@ def test_least_squares(name, make, standard):
     assert _cos(first, adam_first) > 0.5, name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="psgd_eqx._momentum.init_momentum stores the momentum in `mu_dtype` as given: a "
-    "real mu_dtype (bf16, f32) for complex params drops the imaginary part (the run stalls); "
-    "it should be kept complex like `precond_dtype` (_numerics.storage_dtype).",
-)
 def test_real_mu_dtype_keeps_the_momentum_complex():
     z = jnp.zeros((8, 4), jnp.complex64)
     (st, *_) = psgd_eqx.kron(0.03, mu_dtype=jnp.bfloat16).init(z)
