@@ -35,6 +35,7 @@ from ._fit import FitSettings, refit_groups
 from ._init_scale import grad_stats, log_sum_abs2, scale_from_grad_stats, scale_from_hvp_logs
 from ._numerics import tree_all_finite
 from ._options import Options
+from ._precond.stacked import StackedQ
 from ._refit import refit_decision
 
 
@@ -56,8 +57,15 @@ def _ravel(values: list[Array]) -> Array:
     return jnp.concatenate([jnp.ravel(v) for v in values])
 
 
-def _first_step_scale(o: Options, groups: Groups, newton: bool, grads: list, vectors: list,
-                      inputs: list, finite: Bool[Array, ""]):
+def _leaf_grad_stats(q, g: Array):
+    # A scanned stack counts as its layers: one statistic per layer, as separate leaves.
+    if isinstance(q, StackedQ):
+        return jax.vmap(grad_stats)(g)
+    return grad_stats(g)
+
+
+def _first_step_scale(o: Options, groups: Groups, newton: bool, qs: list, grads: list,
+                      vectors: list, inputs: list, finite: Bool[Array, ""]):
     """The data-driven init scale from every (non-empty) leaf, one stat per leaf."""
     live = [g for g, x in enumerate(grads) if x.size > 0]
     if not live:
@@ -68,7 +76,7 @@ def _first_step_scale(o: Options, groups: Groups, newton: bool, grads: list, vec
         ok = tree_all_finite([vectors[g] for g in live]) & tree_all_finite(
             [inputs[g] for g in live])
         return scale_from_hvp_logs(v_logs, h_logs, ok)
-    stats = groups.map(grad_stats, grads)
+    stats = groups.map(_leaf_grad_stats, qs, grads)
     return scale_from_grad_stats(_ravel([stats[g][0] for g in live]),
                                  _ravel([stats[g][1] for g in live]), finite, o.damping)
 
@@ -97,10 +105,15 @@ def step(
     slots = treedef.flatten_up_to(state.precond)
     members = _global.members(slots)
     accum = state.fit_accum if not newton else None
-    items = list(zip(slots, g_leaves, per_leaf(state.mu), per_leaf(hvp), per_leaf(vector),
-                     per_leaf(None if accum is None else accum[0])))
+    old_mu, old_sums = per_leaf(state.mu), per_leaf(None if accum is None else accum[0])
+    # An int, bool or float0 gradient (a leaf that is not trained; it has no
+    # preconditioner) is in no group: zero update, buffers kept.
+    inert = [not jnp.issubdtype(g.dtype, jnp.inexact) for g in g_leaves]
+    items = [None if dead else item for dead, item in zip(inert, zip(
+        slots, g_leaves, old_mu, per_leaf(hvp), per_leaf(vector), old_sums))]
     groups = Groups(items, enabled=o.bucket_leaves is not False)
-    qs, grads_g, mu, hvps, vectors, sums = (list(x) for x in zip(*groups.stack(items)))
+    columns = list(zip(*groups.stack(items))) or [()] * 6
+    qs, grads_g, mu, hvps, vectors, sums = (list(x) for x in columns)
     gq = state.global_precond if members else None
     count, finite = state.count, tree_all_finite(grads_g)
     key, k_refit, k_draw, k_round = jax.random.split(state.key, 4)
@@ -129,7 +142,8 @@ def step(
                                    override=override)
     if o.preconditioner_init_scale is None:
         def rescale(preconds):
-            scale = _first_step_scale(o, groups, newton, grads_g, vectors, inputs, finite)
+            scale = _first_step_scale(o, groups, newton, qs, grads_g, vectors, inputs,
+                                      finite)
             qs_, gq_ = preconds
             return (_map_q(groups, lambda q: q.rescale(scale), qs_),
                     None if gq_ is None else gq_.rescale(scale))
@@ -177,17 +191,23 @@ def step(
         out = apply((qs, gq))
         qs, gq = maybe_refit((qs, gq))
 
+    def merged(per_group, old):  # the groups' new values, the inert leaves' old ones
+        new = groups.unstack(per_group)
+        return jax.tree.unflatten(treedef, [o_ if dead else x
+                                            for dead, x, o_ in zip(inert, new, old)])
+
     fit_accum = state.fit_accum
     if accum is not None:
         sums, n_acc = restart_after_refit(sums, n_acc, do_refit)
-        fit_accum = (jax.tree.unflatten(treedef, groups.unstack(sums)), n_acc)
-    new_mu = None if state.mu is None else jax.tree.unflatten(treedef, groups.unstack(mu))
+        fit_accum = (merged(sums, old_sums), n_acc)
+    out = [(g if g.dtype == jax.dtypes.float0 else jnp.zeros_like(g)) if dead else u
+           for dead, g, u in zip(inert, g_leaves, out)]
     new_state = dataclasses.replace(
         state,
         count=optax.safe_increment(count),
         key=key,
-        mu=new_mu,
-        precond=jax.tree.unflatten(treedef, groups.unstack(qs)),
+        mu=None if state.mu is None else merged(mu, old_mu),
+        precond=merged(qs, slots),
         refit_accumulator=acc,
         refits=state.refits + do_refit.astype(jnp.int32),
         global_precond=gq if members else state.global_precond,

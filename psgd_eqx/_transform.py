@@ -17,7 +17,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from . import _global
 from ._accum import init_fit_accum
-from ._build import build_preconds
+from ._build import as_leaf_array, build_preconds
 from ._eager import eager_cached
 from ._global import GLOBAL as GLOBAL, GlobalSlot
 from ._misc import as_key, concrete
@@ -101,7 +101,10 @@ def scale_by_psgd(o: Options) -> optax.GradientTransformationExtraArgs:
     - `structure`: called once per parameter leaf as `structure(path, leaf)` at `init`;
         returns the leaf's initial preconditioner (e.g. `KronQ.init(leaf.shape)`), `None`
         for plain momentum (P = I) on that leaf, or [`psgd_eqx.GLOBAL`][] to put the leaf
-        into the global group. Empty (size-0) leaves are not passed and get `None`.
+        into the global group. It is called only for non-empty floating or complex
+        leaves: empty, integer and boolean leaves get `None` (no preconditioner, a zero
+        update), and a Python scalar counts as a 0-d array. The preconditioner it returns
+        must have the leaf's shape (checked at `init`, naming the path).
     - `global_structure`: `global_structure(n, dtype)` builds the one preconditioner over
         the flattened concatenation (n elements, in flattening order) of the global group,
         e.g. `lambda n, dtype: LRAQ.init(n, dtype)`. Needed iff a leaf is `GLOBAL`.
@@ -111,7 +114,11 @@ def scale_by_psgd(o: Options) -> optax.GradientTransformationExtraArgs:
     `update(updates, state, params=None, *, Hvp=None, vector=None,
     update_preconditioner=None, **extra_args)`: with `Hvp` and `vector` the fit is
     Newton-type on the pair (vector, Hvp) instead of whitening; `update_preconditioner`
-    (a bool scalar) overrides the refit schedule.
+    (a bool scalar) overrides the refit schedule. `update` first checks its inputs: a
+    tree that differs from the params' raises `ValueError` naming the first differing
+    path, a wrong leaf shape names the path and both shapes, and a non-floating gradient
+    of a preconditioned leaf raises `TypeError`. Called outside `jit`, it runs a compiled
+    step cached per configuration and input shapes.
     """
     _check(o)
     probability = as_schedule(o.preconditioner_update_probability,
@@ -119,6 +126,7 @@ def scale_by_psgd(o: Options) -> optax.GradientTransformationExtraArgs:
     precond_lr = as_schedule(o.preconditioner_lr, "preconditioner_lr")
 
     def init_fn(params):
+        params = jax.tree.map(as_leaf_array, params)  # a Python float is a 0-d leaf
         precond, gq = build_preconds(o.structure, o.global_structure, params,
                                       o.preconditioner_init_scale)
         fit_accum = init_fit_accum(params) if o.precond_grad_accum else None
@@ -132,6 +140,7 @@ def scale_by_psgd(o: Options) -> optax.GradientTransformationExtraArgs:
                   update_preconditioner=None, **extra_args):
         del params, extra_args
         check_update_inputs(updates, state, Hvp, vector)
+        updates, Hvp, vector = jax.tree.map(as_leaf_array, (updates, Hvp, vector))
         return step(o, probability, precond_lr, updates, state, Hvp, vector,
                      update_preconditioner)
 

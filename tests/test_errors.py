@@ -275,11 +275,7 @@ def test_non_floating_and_empty_leaves_get_no_preconditioner():
     assert pe.kron(1e-3).init(params)[0].precond["i"] is None
 
 
-_NEEDS_STEP = ("the step (_transform.py, not owned here) runs the momentum, the finite "
-               "check and the clip on non-floating gradients and Python-scalar leaves")
 
-
-@pytest.mark.xfail(strict=True, reason=_NEEDS_STEP)
 @pytest.mark.parametrize("grad", ["float0", "zeros"])
 def test_int_leaf_gets_a_zero_update(grad):
     params = {"w": jnp.ones(2), "i": jnp.arange(3)}
@@ -301,7 +297,6 @@ def test_python_float_leaf_is_planned_as_a_0d_array():
     assert state.precond["scale"].shape == ()
 
 
-@pytest.mark.xfail(strict=True, reason=_NEEDS_STEP)
 def test_python_float_leaf_is_a_0d_array():
     params = {"w": jnp.ones(2), "scale": 1.5}
     opt = pe.scale_by_psgd(_structure)

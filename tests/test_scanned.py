@@ -132,3 +132,34 @@ def test_scanned_layers_with_inject_hyperparams():
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
     buf = io.BytesIO()
     eqx.tree_serialise_leaves(buf, state)
+
+
+@pytest.mark.parametrize("spike", ["none", "from_start", "late"])
+def test_scanned_stack_is_exactly_its_layers(spike):
+    """A scanned leaf's updates equal those of its layers given as separate leaves, over
+    several steps with the default options: the clips and the init-scale statistic act per
+    layer, so one layer's gradient (×100 from the start: the init scale; ×100 at the last
+    step only: a whitened update far over the RMS clip) never changes another layer's
+    update. The only difference left is the random start of each factor's norm bound (the
+    layers' keys differ), ~1e-4 relative; a clip over the whole stack moves the other
+    layers by O(1)."""
+    layers, shape, steps = 3, (6, 5), 4
+    key = jax.random.PRNGKey(0)
+    w0 = jax.random.normal(key, (layers, *shape)) * 0.3
+    stacked, separate = pe.kron(1e-3, scanned_layers={"w": True}), pe.kron(1e-3)
+    ps, pl = {"w": w0}, {f"w{i}": w0[i] for i in range(layers)}
+    ss, sl = stacked.init(ps), separate.init(pl)
+    assert isinstance(ss[0].precond["w"], StackedQ)
+    step_s, step_l = jax.jit(stacked.update), jax.jit(separate.update)
+    for t in range(steps):
+        g = jax.random.normal(jax.random.fold_in(key, t), (layers, *shape))
+        if spike == "from_start" or (spike == "late" and t == steps - 1):
+            g = g.at[0].multiply(100.0)
+        us, ss = step_s({"w": g}, ss, ps)
+        ul, sl = step_l({f"w{i}": g[i] for i in range(layers)}, sl, pl)
+        ps, pl = optax.apply_updates(ps, us), optax.apply_updates(pl, ul)
+        for i in range(layers):
+            want = ul[f"w{i}"]
+            scale = float(jnp.max(jnp.abs(want)))
+            np.testing.assert_allclose(us["w"][i], want, atol=2e-3 * scale, rtol=0,
+                                       err_msg=f"step {t} layer {i}")
