@@ -67,18 +67,22 @@ def _leaf_grad_stats(q, g: Array):
 def _first_step_scale(o: Options, groups: Groups, newton: bool, qs: list, grads: list,
                       vectors: list, inputs: list, finite: Bool[Array, ""]):
     """The data-driven init scale from every (non-empty) leaf, one stat per leaf."""
-    live = [g for g, x in enumerate(grads) if x.size > 0]
+    live = [g for g, x in enumerate(grads) if x.size > 0]  # empty leaves have no stats
     if not live:
         return jnp.ones((), jnp.float32)
+
+    def per_leaf(fn, *args):
+        return [jax.vmap(fn)(*(a[g] for a in args)) if groups.stacked(g)
+                else fn(*(a[g] for a in args)) for g in live]
+
     if newton:
-        v_logs, h_logs = groups.map(log_sum_abs2, vectors), groups.map(log_sum_abs2, inputs)
-        v_logs, h_logs = _ravel([v_logs[g] for g in live]), _ravel([h_logs[g] for g in live])
+        v_logs, h_logs = per_leaf(log_sum_abs2, vectors), per_leaf(log_sum_abs2, inputs)
         ok = tree_all_finite([vectors[g] for g in live]) & tree_all_finite(
             [inputs[g] for g in live])
-        return scale_from_hvp_logs(v_logs, h_logs, ok)
-    stats = groups.map(_leaf_grad_stats, qs, grads)
-    return scale_from_grad_stats(_ravel([stats[g][0] for g in live]),
-                                 _ravel([stats[g][1] for g in live]), finite, o.damping)
+        return scale_from_hvp_logs(_ravel(v_logs), _ravel(h_logs), ok)
+    logs, nonzero = zip(*per_leaf(_leaf_grad_stats, qs, grads))
+    return scale_from_grad_stats(_ravel(list(logs)), _ravel(list(nonzero)), finite,
+                                 o.damping)
 
 
 def step(
@@ -140,15 +144,27 @@ def step(
     do_refit, acc = refit_decision(count, state.refit_accumulator, fit_ok, k_draw,
                                    probability=probability, bernoulli=o.bernoulli_refit,
                                    override=override)
+    def leafwise(per_group, old):  # the groups' values per leaf, the inert leaves' old
+        return [o_ if dead else x for dead, x, o_ in zip(inert, groups.unstack(per_group),
+                                                           old)]
+
+    # The preconditioners travel twice through the `cond`s below: stacked (what the apply
+    # uses) and per leaf (what the state stores). A step that does not refit then passes
+    # the stored ones through instead of slicing every leaf out of the stacks again.
+    def changed(new_qs, new_gq):
+        return new_qs, leafwise(new_qs, slots), new_gq
+
+    q_leaves = slots
     if o.preconditioner_init_scale is None:
         def rescale(preconds):
             scale = _first_step_scale(o, groups, newton, qs, grads_g, vectors, inputs,
                                       finite)
-            qs_, gq_ = preconds
-            return (_map_q(groups, lambda q: q.rescale(scale), qs_),
-                    None if gq_ is None else gq_.rescale(scale))
+            qs_, _, gq_ = preconds
+            return changed(_map_q(groups, lambda q: q.rescale(scale), qs_),
+                           None if gq_ is None else gq_.rescale(scale))
 
-        qs, gq = jax.lax.cond(count == 0, rescale, lambda x: x, (qs, gq))
+        qs, q_leaves, gq = jax.lax.cond(count == 0, rescale, lambda x: x,
+                                        (qs, q_leaves, gq))
 
     settings = FitSettings(newton, o.damping, precond_lr(count), state.normaliser,
                            o.balance_probability, o.stochastic_rounding)
@@ -162,8 +178,9 @@ def step(
             v = groups.unstack(vectors, only=members)
             pair = (_global.concat([x[i] for i in members]),
                     _global.concat([v[i] for i in members]) if newton else None)
-        return refit_groups(preconds, groups, per_group_keys, inputs, vectors, pair,
-                            keys[-1], settings)
+        qs_, _, gq_ = preconds
+        return changed(*refit_groups((qs_, gq_), groups, per_group_keys, inputs, vectors,
+                                     pair, keys[-1], settings))
 
     def apply(preconds):
         qs_, gq_ = preconds
@@ -185,16 +202,14 @@ def step(
         return jax.lax.cond(do_refit, refit, lambda x: x, preconds)
 
     if o.update_preconditioner_first:
-        qs, gq = maybe_refit((qs, gq))
+        qs, q_leaves, gq = maybe_refit((qs, q_leaves, gq))
         out = apply((qs, gq))
     else:
         out = apply((qs, gq))
-        qs, gq = maybe_refit((qs, gq))
+        qs, q_leaves, gq = maybe_refit((qs, q_leaves, gq))
 
-    def merged(per_group, old):  # the groups' new values, the inert leaves' old ones
-        new = groups.unstack(per_group)
-        return jax.tree.unflatten(treedef, [o_ if dead else x
-                                            for dead, x, o_ in zip(inert, new, old)])
+    def merged(per_group, old):
+        return jax.tree.unflatten(treedef, leafwise(per_group, old))
 
     fit_accum = state.fit_accum
     if accum is not None:
@@ -207,7 +222,7 @@ def step(
         count=optax.safe_increment(count),
         key=key,
         mu=None if state.mu is None else merged(mu, old_mu),
-        precond=merged(qs, slots),
+        precond=jax.tree.unflatten(treedef, q_leaves),
         refit_accumulator=acc,
         refits=state.refits + do_refit.astype(jnp.int32),
         global_precond=gq if members else state.global_precond,

@@ -16,6 +16,7 @@ import pytest
 import psgd_eqx
 from psgd_eqx import hessian_helper, xmat
 
+
 _EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/backend_compile_duration")
 
 
@@ -71,13 +72,13 @@ def test_readme_whitening_example_compiles_once():
     for _ in range(2):
         params, opt_state, loss_val = whitening_step(opt, params, x, opt_state)
     with count_compiles() as compiles:
-        for _ in range(10):
+        for _ in range(14):
             params, opt_state, loss_val = whitening_step(opt, params, x, opt_state)
     # `jax.value_and_grad` outside jit traces the loss each call (the same for Adam); the
     # optimizer itself must add nothing.
     with count_compiles() as grad_only:
         jax.value_and_grad(loss_fn)(params, x)
-    assert compiles["n"] <= 10 * grad_only["n"]
+    assert compiles["n"] <= 14 * grad_only["n"]
     assert float(loss_val) < 1e-4  # the README's "yay"
 
 
