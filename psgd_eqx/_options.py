@@ -388,11 +388,12 @@ TRANSFORM: tuple[Option, ...] = (
            "their noise, so with refits every k steps the fitted P grows by up to √k for "
            "pure-noise gradients.", boolean()),
     Option("bucket_leaves", "auto",
-           "refit (and apply) the preconditioners of leaves with identical structure and "
-           "shapes in one `vmap`ped call per bucket: fewer ops in the step and a faster "
-           "compile; the state stays per leaf. `\"auto\"` buckets the refits everywhere and "
-           "the applies on GPU/TPU only (on CPU a batched small matmul is slower than "
-           "separate ones); `True` both, `False` neither.", one_of(True, False, "auto")),
+           "run every part of the step (momentum, refit, apply, clip) once per bucket of "
+           "leaves with identical structure and shapes, `vmap`ped over the bucket: compile "
+           "time and per-step overhead then grow with the number of buckets, not leaves; "
+           "the state stays per leaf and every leaf keeps its own keys. `\"auto\"` and "
+           "`True` bucket (`\"auto\"` is kept for backward compatibility); `False` runs "
+           "every leaf separately.", one_of(True, False, "auto")),
 )
 
 _BY_NAME = {o.name: o for o in TRANSFORM}
