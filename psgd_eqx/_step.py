@@ -85,6 +85,47 @@ def _first_step_scale(o: Options, groups: Groups, newton: bool, qs: list, grads:
                                  o.damping)
 
 
+def _momentum_all(o: Options, groups: Groups, count, finite, key, mu: list, grads: list):
+    """Every group's EMA step: `(new buffers, debiased momenta)`, per group."""
+    beta, debias = _momentum.coefficients(count, o.b1, o.momentum_warmup)
+
+    def one(m, g, i):
+        return _momentum.step(m, g, i, beta=beta, debias=debias, finite=finite, key=key,
+                              stochastic_rounding=o.stochastic_rounding)
+
+    new_mu, m_hat = zip(*groups.map(one, mu, grads, groups.indices()))
+    return list(new_mu), list(m_hat)
+
+
+def _global_pair(groups: Groups, members: list[int], inputs: list, vectors: list | None):
+    """The global group's concatenated `(fit input, Newton probe or None)`, or `None`."""
+    if not members:
+        return None
+    x = groups.unstack(inputs, only=members)
+    v = None if vectors is None else groups.unstack(vectors, only=members)
+    return (_global.concat([x[i] for i in members]),
+            None if v is None else _global.concat([v[i] for i in members]))
+
+
+def _apply_all(o: Options, groups: Groups, members: list[int], preconds, m_hat: list):
+    """clip(P·m) per leaf: per group (vmapped over a stack), and the global group's one
+    preconditioner over its members' concatenated momenta."""
+    qs, gq = preconds
+
+    def one(q, m):
+        return None if _global.is_slot(q) else apply_leaf(
+            q, m, o.grad_clip_max_amp, o.grad_clip_max_element)
+
+    out = groups.unstack(groups.map(one, qs, m_hat))
+    if members:
+        like = groups.unstack(m_hat, only=members)
+        like = [like[i] for i in members]
+        flat = gq.apply(_global.concat(like))
+        for i, u in zip(members, _global.split(flat, like)):
+            out[i] = clip(u, o.grad_clip_max_amp, o.grad_clip_max_element)
+    return out
+
+
 def step(
     o: Options,
     probability: Callable,
@@ -124,14 +165,7 @@ def step(
 
     m_hat = grads_g
     if state.mu is not None:
-        beta, debias = _momentum.coefficients(count, o.b1, o.momentum_warmup)
-
-        def momentum(m, g, i):
-            return _momentum.step(m, g, i, beta=beta, debias=debias, finite=finite,
-                                  key=k_round, stochastic_rounding=o.stochastic_rounding)
-
-        mu, m_hat = (list(x) for x in zip(*groups.map(momentum, mu, grads_g,
-                                                         groups.indices())))
+        mu, m_hat = _momentum_all(o, groups, count, finite, k_round, mu, grads_g)
 
     if newton:
         inputs = hvps
@@ -172,31 +206,13 @@ def step(
     def refit(preconds):
         keys = _rng.split(k_refit, n + 1)  # leaf i's key is keys[i], bucketed or not
         per_group_keys = [keys[i] for i in groups.indices()]
-        pair = None
-        if members:
-            x = groups.unstack(inputs, only=members)
-            v = groups.unstack(vectors, only=members)
-            pair = (_global.concat([x[i] for i in members]),
-                    _global.concat([v[i] for i in members]) if newton else None)
+        pair = _global_pair(groups, members, inputs, vectors if newton else None)
         qs_, _, gq_ = preconds
         return changed(*refit_groups((qs_, gq_), groups, per_group_keys, inputs, vectors,
                                      pair, keys[-1], settings))
 
     def apply(preconds):
-        qs_, gq_ = preconds
-
-        def one(q, m):
-            return None if _global.is_slot(q) else apply_leaf(
-                q, m, o.grad_clip_max_amp, o.grad_clip_max_element)
-
-        out = groups.unstack(groups.map(one, qs_, m_hat))
-        if members:
-            like = groups.unstack(m_hat, only=members)
-            like = [like[i] for i in members]
-            flat = gq_.apply(_global.concat(like))
-            for i, u in zip(members, _global.split(flat, like)):
-                out[i] = clip(u, o.grad_clip_max_amp, o.grad_clip_max_element)
-        return out
+        return _apply_all(o, groups, members, preconds, m_hat)
 
     def maybe_refit(preconds):
         return jax.lax.cond(do_refit, refit, lambda x: x, preconds)
