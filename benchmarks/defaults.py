@@ -43,7 +43,7 @@ Usage:
 
     python benchmarks/defaults.py --quick        # smoke run (< 1 min): the quadratic, tiny grid
     python benchmarks/defaults.py --quick --only digits,charlm,lmstep   # the others, small
-    python benchmarks/defaults.py                # full run (≈ 60 min on 2 cores)
+    python benchmarks/defaults.py                # full run (≈ 75 min wall on 2 busy cores)
     python benchmarks/defaults.py --only digits,quadratic
 """
 
