@@ -26,6 +26,11 @@ On a CPU-only machine the devices are simulated: the first lines below set
 `XLA_FLAGS` already names a device count). That flag only affects the host (CPU) platform,
 so on a machine with several accelerators it is harmless and the line can be removed;
 `--devices N` then picks the first N of `jax.devices()`.
+
+The same code runs as one program over several processes (each process calls `main` after
+`jax.distributed.initialize`): arrays are built with `jax.make_array_from_callback`, which
+only asks a process for the slices its own devices hold, and only process 0 prints.
+`examples/multiprocess_train.py` does that, on 2 processes of 4 devices each.
 """
 
 import os
@@ -194,8 +199,31 @@ def named(mesh, specs):
     )
 
 
+def to_global(tree, shardings):
+    """Host values -> global `jax.Array`s with the given shardings.
+
+    Every process holds the whole value and hands over only the slices that its own devices
+    hold. On one process this is `jax.device_put`; on several it also works, where
+    `device_put` would need the devices of the other processes.
+
+    **Arguments:**
+
+    - `tree`: a pytree of NumPy or single-device arrays, the same on every process.
+    - `shardings`: a pytree of `jax.sharding.Sharding`s with the structure of `tree`.
+
+    **Returns:** the pytree of global arrays.
+    """
+
+    def put(x, sharding):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
 def bytes_per_device(tree) -> tuple[int, int]:
-    """`(max over devices of the bytes of the shards it holds, total logical bytes)`."""
+    """`(max over devices of the bytes of the shards it holds, total logical bytes)`; with
+    several processes, over this process' devices."""
     per_device: dict = {}
     total = 0
     for leaf in jax.tree.leaves(tree):
@@ -227,6 +255,8 @@ def main(
     and `state_bytes_total` (optimizer state: the most any one device holds, and the
     logical total), `n_devices` and `plan` (the `kron_plan` table, a Markdown string).
     """
+    # With several processes, only process 0 prints (every process computes the same).
+    log = print if jax.process_index() == 0 else (lambda *args, **kwargs: None)
     n_devices = devices or len(jax.devices())
     if n_devices > len(jax.devices()):
         raise ValueError(f"--devices {n_devices}, but JAX sees only {len(jax.devices())}")
@@ -245,7 +275,7 @@ def main(
     param_specs = fsdp_specs(params, mesh, flags)
     param_sh = named(mesh, param_specs)
     batch_sh = NamedSharding(mesh, P("fsdp", None))
-    params = jax.device_put(params, param_sh)
+    params = to_global(params, param_sh)
 
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=learning_rate, warmup_steps=max(1, min(50, steps // 10)),
@@ -268,13 +298,13 @@ def main(
     state_per_device, state_total = bytes_per_device(opt_state)
     param_per_device, param_total = bytes_per_device(params)
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    print(f"{n_devices} device(s), mesh {dict(mesh.shape)}; {len(ids):,} characters of text, "
-          f"vocabulary {len(vocab)} (with padding); {n_params:,} parameters")
-    print(plan)
-    print(f"parameters:      {param_per_device:>10,} bytes on the busiest device, "
-          f"{param_total:,} in total")
-    print(f"optimizer state: {state_per_device:>10,} bytes on the busiest device, "
-          f"{state_total:,} in total")
+    log(f"{n_devices} device(s), mesh {dict(mesh.shape)}; {len(ids):,} characters of text, "
+        f"vocabulary {len(vocab)} (with padding); {n_params:,} parameters")
+    log(plan)
+    log(f"parameters:      {param_per_device:>10,} bytes on the busiest device, "
+        f"{param_total:,} in total")
+    log(f"optimizer state: {state_per_device:>10,} bytes on the busiest device, "
+        f"{state_total:,} in total")
 
     def loss_fn(p, x, y):
         logits = jax.vmap(eqx.combine(p, static))(x)
@@ -296,7 +326,8 @@ def main(
     losses, times = [], []
     for i in range(steps):
         x, y = sample_batch(rng, ids, batch_size, seq_len)
-        x, y = jax.device_put(x, batch_sh), jax.device_put(y, batch_sh)
+        # Every process draws the same global batch (same seed) and keeps its own rows.
+        x, y = to_global((x, y), (batch_sh, batch_sh))
         t0 = time.perf_counter()
         params, opt_state, loss = step(params, opt_state, x, y)
         losses.append(float(loss))  # blocks until the step is done
@@ -304,12 +335,12 @@ def main(
         if i % log_every == 0 or i == steps - 1:
             recent = times[1:][-log_every:]
             ms = f"{1e3 * np.mean(recent):7.1f} ms/step" if recent else "  (compiling step)"
-            print(f"step {i:5d}  loss {losses[-1]:.4f}  {ms}")
+            log(f"step {i:5d}  loss {losses[-1]:.4f}  {ms}")
 
     step_ms = 1e3 * float(np.mean(times[1:])) if steps > 1 else float("nan")
     tail = losses[-min(20, len(losses)):]
-    print(f"loss {losses[0]:.3f} -> {np.mean(tail):.3f} (mean of the last {len(tail)} steps; "
-          f"log(vocab) = {math.log(len(vocab)):.3f}), {step_ms:.1f} ms/step")
+    log(f"loss {losses[0]:.3f} -> {np.mean(tail):.3f} (mean of the last {len(tail)} steps; "
+        f"log(vocab) = {math.log(len(vocab)):.3f}), {step_ms:.1f} ms/step")
     return {
         "losses": losses,
         "step_ms": step_ms,
