@@ -18,6 +18,7 @@ from ._kron import (
     kron as kron,
     scale_by_kron as scale_by_kron,
 )
+from ._layout import LeafBuckets as LeafBuckets
 from ._norms import Normaliser as Normaliser
 from ._plan import LeafPlan as LeafPlan, kron_plan as kron_plan, plan_table as plan_table
 from ._precond import (

@@ -391,7 +391,8 @@ TRANSFORM: tuple[Option, ...] = (
            "run every part of the step (momentum, refit, apply, clip) once per bucket of "
            "leaves with identical structure and shapes, `vmap`ped over the bucket: compile "
            "time and per-step overhead then grow with the number of buckets, not leaves; "
-           "the state stays per leaf and every leaf keeps its own keys. `\"auto\"` and "
+           "the state stores each bucket's preconditioners as one stack "
+           "([`psgd_eqx.LeafBuckets`][]) and every leaf keeps its own keys. `\"auto\"` and "
            "`True` bucket (`\"auto\"` is kept for backward compatibility); `False` runs "
            "every leaf separately.", one_of(True, False, "auto")),
 )

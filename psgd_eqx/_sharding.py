@@ -33,6 +33,7 @@ import jax
 from jax.sharding import PartitionSpec as P
 from jaxtyping import PyTree
 
+from ._layout import LeafBuckets, stack_specs
 from ._precond import (
     LRAQ,
     AbstractPrecond,
@@ -465,17 +466,22 @@ def _state_context(params, pspecs, mesh, preconditioner_partition_spec) -> _Stat
             for x, s in zip(leaves, s_leaves)
         ])
 
-    def precond(tree):
+    def one(q, i):
         # An entry without arrays (`None`, or the `GlobalSlot` marker of a leaf in the
         # global group) is its own spec tree: nothing to place, so nothing to misplace.
-        qs = p_def.flatten_up_to(tree)
-        return p_def.unflatten([
-            q if not jax.tree.leaves(q) else precond_partition_specs(
-                q, p.shape, s, mesh=mesh,
-                preconditioner_partition_spec=preconditioner_partition_spec,
-            )
-            for q, p, s in zip(qs, p_leaves, s_leaves)
-        ])
+        if not jax.tree.leaves(q):
+            return q
+        return precond_partition_specs(
+            q, p_leaves[i].shape, s_leaves[i], mesh=mesh,
+            preconditioner_partition_spec=preconditioner_partition_spec,
+        )
+
+    def precond(layout):
+        # Stored per bucket (`_layout.py`): each member's specs, merged per stack (the
+        # stack axis replicated: every device holds every member's slice).
+        if not isinstance(layout, LeafBuckets):
+            return layout  # a params tree without leaves: nothing to place
+        return layout.map_members(one, stack_specs)
 
     return _StateContext(like_params, precond)
 

@@ -11,12 +11,14 @@ The parts, in order, each in the file named after it:
    preconditioner over their concatenation (`_global.py`).
 
 Why groups: a model has many leaves but few distinct shapes (every layer's query weight
-looks alike). Leaves whose gradient, momentum, preconditioner, ... have identical
-structure form a group (`_bucket.Groups`); their inputs are stacked once at the start,
-every part runs once per group (under `vmap` for a stack), and the outputs are unstacked
-once at the end. Compile time and per-step dispatch overhead then grow with the number of
-groups, not of leaves; every leaf keeps its own keys, so the numbers do not depend on the
-grouping (up to float rounding).
+looks alike). Leaves whose preconditioner and parameter have identical structure form a
+group (`_bucket.Groups`, fixed at `init`); the state stores each group's preconditioners
+as one stack (`_layout.py`), the other inputs (gradients, momenta, ...) are stacked once
+at the start, every part runs once per group (under `vmap` for a stack), and the outputs
+are sliced per leaf once at the end, with slices XLA compiles once per shape
+(`Groups.index_at_runtime`). Compile time and per-step dispatch overhead then grow with
+the number of groups, not of leaves; every leaf keeps its own keys, so the numbers do not
+depend on the grouping (up to float rounding).
 """
 
 import dataclasses
@@ -33,6 +35,7 @@ from ._apply import apply_leaf, clip
 from ._bucket import Groups
 from ._fit import FitSettings, refit_groups
 from ._init_scale import grad_stats, log_sum_abs2, scale_from_grad_stats, scale_from_hvp_logs
+from ._layout import as_layout
 from ._numerics import tree_all_finite
 from ._options import Options
 from ._precond.stacked import StackedQ
@@ -147,18 +150,22 @@ def step(
     def per_leaf(tree):
         return [None] * n if tree is None else treedef.flatten_up_to(tree)
 
-    slots = treedef.flatten_up_to(state.precond)
-    members = _global.members(slots)
+    # The buckets were fixed at `init` and the preconditioners are stored stacked
+    # (`_layout.py`): only the other inputs are stacked here.
+    layout = as_layout(state.precond, treedef)
+    groups = layout.groups.index_at_runtime(state.count)
+    members = _global.members(layout.shapes())
     accum = state.fit_accum if not newton else None
     old_mu, old_sums = per_leaf(state.mu), per_leaf(None if accum is None else accum[0])
-    # An int, bool or float0 gradient (a leaf that is not trained; it has no
-    # preconditioner) is in no group: zero update, buffers kept.
-    inert = [not jnp.issubdtype(g.dtype, jnp.inexact) for g in g_leaves]
+    # A leaf in no bucket (an int or bool parameter, which is not trained; it has no
+    # preconditioner) gets a zero update and keeps its buffers.
+    grouped = {i for idx in groups.index for i in idx}
+    inert = [i not in grouped for i in range(n)]
     items = [None if dead else item for dead, item in zip(inert, zip(
-        slots, g_leaves, old_mu, per_leaf(hvp), per_leaf(vector), old_sums))]
-    groups = Groups(items, enabled=o.bucket_leaves is not False)
-    columns = list(zip(*groups.stack(items))) or [()] * 6
-    qs, grads_g, mu, hvps, vectors, sums = (list(x) for x in columns)
+        g_leaves, old_mu, per_leaf(hvp), per_leaf(vector), old_sums))]
+    columns = list(zip(*groups.stack(items))) or [()] * 5
+    grads_g, mu, hvps, vectors, sums = (list(x) for x in columns)
+    qs = list(layout.stacks)
     gq = state.global_precond if members else None
     count, finite = state.count, tree_all_finite(grads_g)
     key, k_refit, k_draw, k_round = jax.random.split(state.key, 4)
@@ -182,23 +189,15 @@ def step(
         return [o_ if dead else x for dead, x, o_ in zip(inert, groups.unstack(per_group),
                                                            old)]
 
-    # The preconditioners travel twice through the `cond`s below: stacked (what the apply
-    # uses) and per leaf (what the state stores). A step that does not refit then passes
-    # the stored ones through instead of slicing every leaf out of the stacks again.
-    def changed(new_qs, new_gq):
-        return new_qs, leafwise(new_qs, slots), new_gq
-
-    q_leaves = slots
     if o.preconditioner_init_scale is None:
         def rescale(preconds):
             scale = _first_step_scale(o, groups, newton, qs, grads_g, vectors, inputs,
                                       finite)
-            qs_, _, gq_ = preconds
-            return changed(_map_q(groups, lambda q: q.rescale(scale), qs_),
-                           None if gq_ is None else gq_.rescale(scale))
+            qs_, gq_ = preconds
+            return (_map_q(groups, lambda q: q.rescale(scale), qs_),
+                    None if gq_ is None else gq_.rescale(scale))
 
-        qs, q_leaves, gq = jax.lax.cond(count == 0, rescale, lambda x: x,
-                                        (qs, q_leaves, gq))
+        qs, gq = jax.lax.cond(count == 0, rescale, lambda x: x, (qs, gq))
 
     settings = FitSettings(newton, o.damping, precond_lr(count), state.normaliser,
                            o.balance_probability, o.stochastic_rounding)
@@ -207,9 +206,8 @@ def step(
         keys = _rng.split(k_refit, n + 1)  # leaf i's key is keys[i], bucketed or not
         per_group_keys = [keys[i] for i in groups.indices()]
         pair = _global_pair(groups, members, inputs, vectors if newton else None)
-        qs_, _, gq_ = preconds
-        return changed(*refit_groups((qs_, gq_), groups, per_group_keys, inputs, vectors,
-                                     pair, keys[-1], settings))
+        return refit_groups(preconds, groups, per_group_keys, inputs, vectors, pair,
+                            keys[-1], settings)
 
     def apply(preconds):
         return _apply_all(o, groups, members, preconds, m_hat)
@@ -218,11 +216,11 @@ def step(
         return jax.lax.cond(do_refit, refit, lambda x: x, preconds)
 
     if o.update_preconditioner_first:
-        qs, q_leaves, gq = maybe_refit((qs, q_leaves, gq))
+        qs, gq = maybe_refit((qs, gq))
         out = apply((qs, gq))
     else:
         out = apply((qs, gq))
-        qs, q_leaves, gq = maybe_refit((qs, q_leaves, gq))
+        qs, gq = maybe_refit((qs, gq))
 
     def merged(per_group, old):
         return jax.tree.unflatten(treedef, leafwise(per_group, old))
@@ -238,7 +236,7 @@ def step(
         count=optax.safe_increment(count),
         key=key,
         mu=None if state.mu is None else merged(mu, old_mu),
-        precond=jax.tree.unflatten(treedef, q_leaves),
+        precond=layout.with_stacks(qs),
         refit_accumulator=acc,
         refits=state.refits + do_refit.astype(jnp.int32),
         global_precond=gq if members else state.global_precond,

@@ -17,9 +17,11 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from . import _global
 from ._accum import init_fit_accum
+from ._bucket import Groups
 from ._build import as_leaf_array, build_preconds
 from ._eager import eager_cached
 from ._global import GLOBAL as GLOBAL, GlobalSlot
+from ._layout import LeafBuckets, as_layout, leaf_index
 from ._misc import as_key, concrete
 from ._momentum import init_momentum
 from ._norms import Normaliser
@@ -39,9 +41,11 @@ class PSGDState(eqx.Module):
     - `count`: number of `update` calls so far (int32).
     - `key`: the PRNG key for probes, norm bounds and the refit draw.
     - `mu`: the momentum buffer (a pytree like the params), or `None` when `b1 = 0`.
-    - `precond`: a pytree with the params' structure whose leaves are the preconditioner
-        modules ([`psgd_eqx.KronQ`][], [`psgd_eqx.DiagQ`][], ...), `None` (no
-        preconditioner for that leaf), or an empty marker for a leaf of the global group.
+    - `precond`: the preconditioners, stored per bucket of identical leaves (a
+        [`psgd_eqx.LeafBuckets`][]; see `preconditioners()` for the per-leaf view). Per
+        leaf it is a preconditioner module ([`psgd_eqx.KronQ`][], [`psgd_eqx.DiagQ`][],
+        ...), `None` (no preconditioner for that leaf), or an empty marker for a leaf of
+        the global group.
     - `refit_accumulator`: the deterministic schedule's accumulated refit probability
         (a refit fires when it reaches 1, so the refit rate equals the probability).
     - `refits`: number of refits done so far (int32), handy for logging.
@@ -55,7 +59,7 @@ class PSGDState(eqx.Module):
     count: Int[Array, ""]
     key: PRNGKeyArray
     mu: PyTree | None
-    precond: PyTree
+    precond: LeafBuckets | PyTree
     refit_accumulator: Float[Array, ""]
     refits: Int[Array, ""]
     global_precond: AbstractPrecond | Array | None = None
@@ -65,10 +69,33 @@ class PSGDState(eqx.Module):
     @property
     def global_mask(self) -> tuple[bool, ...]:
         """Per leaf, in flattening order, whether it is in the global group."""
-        def entry(x):  # one per parameter leaf: a preconditioner, None or a slot
-            return x is None or isinstance(x, (AbstractPrecond, GlobalSlot))
+        return tuple(_global.is_slot(x) for x in self._layout().shapes())
 
-        return tuple(_global.is_slot(x) for x in jax.tree.leaves(self.precond, is_leaf=entry))
+    def _layout(self) -> LeafBuckets:
+        return as_layout(self.precond, jax.tree.structure(self.precond))
+
+    def preconditioners(self) -> PyTree:
+        """Every leaf's preconditioner, as a pytree like the params.
+
+        **Returns:** the params' tree with, per leaf, its preconditioner module (sliced
+        out of its bucket's stack), `None`, or the marker of a leaf in the global group.
+        """
+        return self._layout().tree()
+
+    def preconditioner(self, path) -> AbstractPrecond | GlobalSlot | None:
+        """The preconditioner of one parameter.
+
+        **Arguments:**
+
+        - `path`: the parameter's key path (as from `jax.tree_util.tree_flatten_with_path`)
+            or its `jax.tree_util.keystr`, e.g. `"['layers'][0]['w']"`.
+
+        **Returns:** its preconditioner module, `None` (no preconditioner), or the marker
+        of a leaf in the global group. Raises `KeyError` listing the paths if there is
+        no parameter at `path`.
+        """
+        layout = self._layout()
+        return layout.leaves()[leaf_index(layout.treedef, path)]
 
 
 def _normaliser(o: Options) -> Normaliser:
@@ -83,6 +110,20 @@ def _check(o: Options) -> None:
     if not o.whiten_grad and concrete(o.b1) == 0:
         raise ValueError("`whiten_grad=False` (fit on the momentum) needs `b1 > 0`; got b1=0.")
     _normaliser(o)  # validates the combination
+
+
+def _bucketed(params: PyTree, precond: PyTree, o: Options) -> LeafBuckets | PyTree:
+    """The preconditioners stored per bucket: leaves whose preconditioner and parameter
+    have identical structure, shapes and dtypes share one (an int or bool parameter,
+    which is not trained, is in none)."""
+    p_leaves, treedef = jax.tree.flatten(params)
+    if not p_leaves:  # see `_layout.as_layout`
+        return precond
+    q_leaves = treedef.flatten_up_to(precond)
+    items = [(q, p) if jnp.issubdtype(p.dtype, jnp.inexact) else None
+             for q, p in zip(q_leaves, p_leaves)]
+    return LeafBuckets.build(q_leaves, Groups(items, enabled=o.bucket_leaves is not False),
+                             treedef)
 
 
 _STRUCTURE = (
@@ -129,11 +170,12 @@ def scale_by_psgd(o: Options) -> optax.GradientTransformationExtraArgs:
         params = jax.tree.map(as_leaf_array, params)  # a Python float is a 0-d leaf
         precond, gq = build_preconds(o.structure, o.global_structure, params,
                                       o.preconditioner_init_scale)
+        mu = init_momentum(params, o.b1, o.mu_dtype)
         fit_accum = init_fit_accum(params) if o.precond_grad_accum else None
         # separate buffers per field, so a jitted step can donate the whole state
         zero = jnp.zeros([], jnp.int32)
-        return PSGDState(zero, as_key(o.key), init_momentum(params, o.b1, o.mu_dtype),
-                         precond, jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32), gq,
+        return PSGDState(zero, as_key(o.key), mu, _bucketed(params, precond, o), 
+                         jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32), gq,
                          fit_accum, _normaliser(o))
 
     def update_fn(updates, state, params=None, *, Hvp=None, vector=None,

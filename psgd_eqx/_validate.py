@@ -17,6 +17,7 @@ import numpy as np
 from jaxtyping import PyTree
 
 from ._global import GlobalSlot
+from ._layout import as_layout
 from ._precond.base import AbstractPrecond
 
 
@@ -120,7 +121,9 @@ def _expect_array(s):
 
 def _state_trees(state) -> list:
     """(tree, expect) for each params-like tree of the state."""
-    trees = [(state.precond, _expect_entry)]
+    # stored per bucket: its per-leaf view, without slicing
+    layout = as_layout(state.precond, jax.tree.structure(state.precond))
+    trees = [(jax.tree.unflatten(layout.treedef, layout.shapes()), _expect_entry)]
     if state.mu is not None:
         trees.append((state.mu, _expect_array))
     if state.fit_accum is not None:
@@ -192,6 +195,27 @@ def _check_global_size(name: str, tree: PyTree, state, slots: list) -> None:
         )
 
 
+def _check_buckets(name: str, tree: PyTree, state) -> None:
+    """The leaves of one bucket share a dtype (their inputs are stacked), and a floating
+    one: a bucket holds the trained leaves."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    for idx in as_layout(state.precond, jax.tree.structure(state.precond)).index:
+        dtypes = [jnp.result_type(flat[i][1]) for i in idx]
+        for i, dtype in zip(idx, dtypes):
+            if not jnp.issubdtype(dtype, jnp.inexact):
+                raise TypeError(
+                    f"{name} at {jax.tree_util.keystr(flat[i][0])} has dtype {dtype}, but "
+                    "its parameter is floating (trained): give it a floating gradient."
+                )
+        if any(d != dtypes[0] for d in dtypes):
+            where = ", ".join(f"{jax.tree_util.keystr(flat[i][0])} ({d})"
+                              for i, d in zip(idx, dtypes))
+            raise TypeError(
+                f"{name} has different dtypes for parameters of one shape and dtype: "
+                f"{where}. Give them one dtype (e.g. the parameters')."
+            )
+
+
 def check_update_inputs(grads: PyTree, state, hvp: PyTree | None,
                         vector: PyTree | None) -> None:
     """Raise a clear error when the inputs of `update` do not fit the state.
@@ -213,4 +237,5 @@ def check_update_inputs(grads: PyTree, state, hvp: PyTree | None,
             continue
         per_state = _check_structure(name, tree, state)
         _check_leaves(name, tree, per_state)
+        _check_buckets(name, tree, state)
         _check_global_size(name, tree, state, per_state[0])

@@ -149,7 +149,7 @@ def rel_diff(a, b):
 def factor_leaves(state):
     st = state[0]
     qs = jax.tree.leaves(
-        st.precond, is_leaf=lambda x: isinstance(x, psgd_eqx.AbstractPrecond)
+        st.preconditioners(), is_leaf=lambda x: isinstance(x, psgd_eqx.AbstractPrecond)
     )
     return [leaf for q in qs for leaf in jax.tree.leaves(q) if leaf.ndim >= 2]
 

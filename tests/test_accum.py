@@ -30,7 +30,7 @@ def test_refit_sees_the_average_of_the_inputs_since_the_last_refit():
         # the plain optimizer gets, at the refit step, exactly the average
         sp = plain.update({"w": mean if i == 3 else g}, sp, params)[1]
     assert int(sa.refits) == int(sp.refits) == 2
-    qa, qp = sa.precond["w"], sp.precond["w"]
+    qa, qp = sa.preconditioners()["w"], sp.preconditioners()["w"]
     for a, b in zip(qa.factors, qp.factors):
         assert jnp.allclose(a, b, rtol=1e-5, atol=1e-6)
     # the buffer was reset by the refit

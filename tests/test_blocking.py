@@ -127,7 +127,7 @@ def test_64x32_weight_state_bound_in_the_built_optimizer():
         opt = psgd_eqx.kron(merge_small_dims=True, target_merged_dim_size=target,
                             partition_grads_into_blocks=True, block_size=bs,
                             max_size_triangular=max_size, min_ndim_triangular=1)
-        q = opt.init(params)[0].precond["w"]
+        q = opt.init(params)[0].preconditioners()["w"]
         assert _entries(q) <= 64**2 + 32**2
 
 
@@ -144,9 +144,9 @@ def test_plan_matches_built_state_and_merges_where_rules_leave_room():
     assert plan["qkv"].axes == (48, 48) and plan["qkv"].factor_kinds == ("diag", "dense")
     assert plan["qkv"].merged
     state = psgd_eqx.kron(**kw).init(params)[0]
-    for name, q in state.precond.items():
+    for name, q in state.preconditioners().items():
         assert q.state_bytes == plan[name].state_bytes, name
-    assert state.precond["qkv"].merged == (48, 48)
+    assert state.preconditioners()["qkv"].merged == (48, 48)
     table = psgd_eqx.plan_table(plan)
     assert "merged (48, 48)" in table
 
@@ -165,12 +165,12 @@ def test_blocked_kron_trains_and_matches_plan():
     opt = psgd_eqx.kron(0.05, **kw)
     state = opt.init(params)
     plan = kron_plan(params, **kw)
-    assert isinstance(state[0].precond["w"], BlockedQ)
-    assert isinstance(state[0].precond["s"], psgd_eqx.StackedQ)
-    assert isinstance(state[0].precond["s"].inner, BlockedQ)
+    assert isinstance(state[0].preconditioners()["w"], BlockedQ)
+    assert isinstance(state[0].preconditioners()["s"], psgd_eqx.StackedQ)
+    assert isinstance(state[0].preconditioners()["s"].inner, BlockedQ)
     assert plan["s"].layers == 3 and plan["s"].num_blocks == 3
     for name in params:
-        assert state[0].precond[name].state_bytes == plan[name].state_bytes
+        assert state[0].preconditioners()[name].state_bytes == plan[name].state_bytes
 
     @jax.jit
     def step(p, s):

@@ -38,7 +38,10 @@ def test_bucketed_equals_per_leaf():
         step = jax.jit(opt.update)
         for _ in range(3):
             u, state = step(grads, state, params)
-        results[bucket] = (u, state)
+        # the state stores one stack per bucket: compare its per-leaf view
+        (st,) = [x for x in state if isinstance(x, psgd_eqx.PSGDState)]
+        results[bucket] = (u, st.mu, st.preconditioners(), st.count, st.refits)
+    assert jax.tree.structure(results[True]) == jax.tree.structure(results[False])
     pairs = [*zip(jax.tree.leaves(results[True]), jax.tree.leaves(results[False])),
              *zip(jax.tree.leaves(results["auto"]), jax.tree.leaves(results[False]))]
     for x, y in pairs:
@@ -47,6 +50,29 @@ def test_bucketed_equals_per_leaf():
             np.testing.assert_allclose(x, y, atol=1e-5 * scale, rtol=0)
         elif not jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
             np.testing.assert_array_equal(x, y)
+
+
+def test_state_stores_one_stack_per_bucket():
+    params = {**_tree(layers=3), "step": jnp.zeros((), jnp.int32)}
+    st = psgd_eqx.kron(1e-2).init(params)[0]
+    # buckets: the 3 w, the 3 u, the 3 b, the head; the int leaf is in none
+    sizes = sorted(len(idx) for idx in st.precond.index)
+    assert sizes == [1, 3, 3, 3]
+    names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    w = [names.index(f"['layers'][{i}]['w']") for i in range(3)]
+    g = st.precond.index.index(tuple(w))
+    assert st.precond.stacks[g].factors[0].shape == (3, 8, 8)
+    # the per-leaf views: one module per leaf, slices of the stack
+    assert st.preconditioner("['layers'][1]['w']").factors[0].shape == (8, 8)
+    assert st.preconditioners()["step"] is None
+    path = jax.tree_util.tree_flatten_with_path(params)[0][w[2]][0]
+    assert st.preconditioner(path) is not None
+    try:
+        st.preconditioner("['nope']")
+    except KeyError as e:
+        assert "the paths are: ['head'], ['layers'][0]['b']" in e.args[0]
+    else:
+        raise AssertionError("no KeyError")
 
 
 def test_bucketing_emits_fewer_ops():

@@ -101,9 +101,9 @@ def test_least_squares(name, make, standard):
     if name != "adam":
         (st,) = [x for x in state if isinstance(x, psgd_eqx.PSGDState)]
         assert st.mu.dtype == jnp.complex64
-        lipschitz = st.precond.lipschitz
+        lipschitz = st.preconditioners().lipschitz
         assert lipschitz.dtype == jnp.float32
-        stored = [x for x in jax.tree.leaves(st.precond) if x is not lipschitz]
+        stored = [x for x in jax.tree.leaves(st.preconditioners()) if x is not lipschitz]
         assert stored and all(x.dtype == jnp.complex64 for x in stored)
 
     # The first update points downhill: Re⟨u, −g⟩ > 0, with cos ≈ 0.99 measured (a

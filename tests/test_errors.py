@@ -199,7 +199,7 @@ def test_wrong_shape_of_a_leaf_without_preconditioner_is_read_from_the_momentum(
     params = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}
     opt = pe.scale_by_psgd(lambda path, leaf: None if leaf.ndim == 1 else _structure(path, leaf))
     state = opt.init(params)
-    assert state.precond["b"] is None
+    assert state.preconditioners()["b"] is None
     with pytest.raises(ValueError, match=r"grads at \['b'\] has shape \(3,\), .* expects \(2,\)"):
         opt.update({"w": jnp.ones((3, 2)), "b": jnp.ones(3)}, state)
 
@@ -267,12 +267,12 @@ def test_non_floating_and_empty_leaves_get_no_preconditioner():
     seen = []
     state = pe.scale_by_psgd(_recording_structure(seen)).init(params)
     assert seen == ["['w']"]  # structure is called for floating, non-empty leaves only
-    assert state.precond["i"] is None and state.precond["flag"] is None
-    assert state.precond["empty"] is None
+    assert state.preconditioners()["i"] is None and state.preconditioners()["flag"] is None
+    assert state.preconditioners()["empty"] is None
     plan = pe.kron_plan(params)
     assert plan["i"].factor_kinds == () and plan["i"].state_bytes == 0
     assert plan["i"].describe() == "none"
-    assert pe.kron(1e-3).init(params)[0].precond["i"] is None
+    assert pe.kron(1e-3).init(params)[0].preconditioners()["i"] is None
 
 
 
@@ -294,7 +294,7 @@ def test_python_float_leaf_is_planned_as_a_0d_array():
     assert plan["scale"].shape == () and plan["scale"].factor_kinds == ("diag",)
     # without momentum (whose buffer the step builds from the leaf) init already works
     state = pe.scale_by_psgd(_structure, b1=0.0).init({"scale": 1.5})
-    assert state.precond["scale"].shape == ()
+    assert state.preconditioners()["scale"].shape == ()
 
 
 def test_python_float_leaf_is_a_0d_array():
@@ -337,7 +337,7 @@ def test_scanned_layers_tree_under_inject_hyperparams(form):
     # the jitted update traced (compiling it adds nothing that depends on the form)
     updates, state = jax.eval_shape(jax.jit(opt.update), params, state, params)
     assert jax.tree.structure(updates) == jax.tree.structure(params)
-    precond = jax.tree.leaves(state.inner_state[0].precond,
+    precond = jax.tree.leaves(state.inner_state[0].preconditioners(),
                               is_leaf=lambda x: isinstance(x, pe.AbstractPrecond))
     assert sorted(isinstance(q, pe.StackedQ) for q in precond) == [False, True]
 
@@ -363,7 +363,7 @@ def test_plan_and_init_agree_on_empty_leaves():
               "stack": jnp.ones((0, 3, 3)), "w": jnp.ones((3, 4))}
     kw = dict(scanned_layers={"stack": True})
     plan = pe.kron_plan(params, **kw)
-    precond = pe.scale_by_kron(**kw).init(params).precond
+    precond = pe.scale_by_kron(**kw).init(params).preconditioners()
     for name in ("a", "b", "c", "stack"):
         assert precond[name] is None, name
         assert plan[name].factor_kinds == () and plan[name].state_bytes == 0, name

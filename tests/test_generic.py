@@ -124,7 +124,7 @@ def test_mixed_structure_trains_and_serialises(global_kind):
     st = _psgd_state(state0)
 
     # -- the state's structure
-    pc = st.precond
+    pc = st.preconditioners()
     assert isinstance(pc["embed"], DiagQ) and pc["embed"].d.shape == (10, 4)
     assert isinstance(pc["attn"], KronQ) and pc["attn"].dense == (True, True)
     assert [f.shape for f in pc["attn"].factors] == [(4, 4), (4, 4)]
@@ -152,7 +152,7 @@ def test_mixed_structure_trains_and_serialises(global_kind):
     assert jax.tree.structure(state1) == jax.tree.structure(state0)
     # every preconditioner (the global one included) was fitted
     for name in ("embed", "attn", "head"):
-        assert not eqx.tree_equal(st1.precond[name], pc[name])
+        assert not eqx.tree_equal(st1.preconditioners()[name], pc[name])
     assert not eqx.tree_equal(st1.global_precond, gq)
 
     # -- the fitted state serialises (None leaves, the global group and all)
@@ -208,7 +208,8 @@ def test_global_group_concatenates_in_flatten_order_and_splits_back():
     m = jax.random.normal(jax.random.PRNGKey(0), (n, n)) / n**0.5 + jnp.eye(n)
     p = m.T @ m  # the known P = QᵀQ
     d = jnp.array([1.0, 2.0, 3.0, 4.0], jnp.float32)
-    state = eqx.tree_at(lambda s: (s.global_precond.q, s.precond["b"].d), state, (m, d))
+    b = state.precond.index.index((1,))  # "b" (leaf 1) is a bucket of its own
+    state = eqx.tree_at(lambda s: (s.global_precond.q, s.precond.stacks[b].d), state, (m, d))
     grads = jax.tree.map(
         lambda x, k: jax.random.normal(k, x.shape, x.dtype), params,
         jax.tree.unflatten(jax.tree.structure(params),
@@ -265,12 +266,12 @@ def test_per_leaf_state(alias, cls):
     assert isinstance(glob.global_precond, cls) and glob.global_precond.shape == (n,)
     assert glob.global_mask == (True, True, True)
     assert all(isinstance(q, GlobalSlot)
-               for q in jax.tree.leaves(glob.precond, is_leaf=_is_precond))
+               for q in jax.tree.leaves(glob.preconditioners(), is_leaf=_is_precond))
     assert glob.mu is not None
 
     per = _psgd_state(alias(0.01, per_leaf=True).init(_SMALL))
     assert per.global_precond is None and not any(per.global_mask)
-    leaves = per.precond
+    leaves = per.preconditioners()
     for name, leaf in _SMALL.items():
         assert isinstance(leaves[name], cls) and leaves[name].shape == leaf.shape
     np.testing.assert_allclose(leaves["w"].as_matrix(), jnp.eye(12))
@@ -283,21 +284,24 @@ def test_per_leaf_state(alias, cls):
     opt = alias(0.01, per_leaf=True)
     updates, state = jax.jit(opt.update)(_SMALL, opt.init(_SMALL), _SMALL)
     assert tree_finite(updates) and int(_psgd_state(state).refits) == 1
-    assert all(not eqx.tree_equal(_psgd_state(state).precond[k], leaves[k]) for k in _SMALL)
+    after = _psgd_state(state).preconditioners()
+    assert all(not eqx.tree_equal(after[k], leaves[k]) for k in _SMALL)
 
 
 def test_affine_and_diag_are_per_leaf():
     st = _psgd_state(pe.affine(0.01).init(_SMALL))
     assert st.global_precond is None
-    assert isinstance(st.precond["w"], AffineQ) and st.precond["w"].kron.shape == (3, 4)
-    assert st.precond["b"].kron.shape == (1, 4)
+    w = st.preconditioners()["w"]
+    assert isinstance(w, AffineQ) and w.kron.shape == (3, 4)
+    assert st.preconditioners()["b"].kron.shape == (1, 4)
     st = _psgd_state(pe.diag(0.01).init(_SMALL))
-    assert isinstance(st.precond["w"], DiagQ) and st.precond["w"].d.shape == (3, 4)
+    w = st.preconditioners()["w"]
+    assert isinstance(w, DiagQ) and w.d.shape == (3, 4)
 
 
 def test_alias_geometry_and_dtype_options():
     st = _psgd_state(pe.xmat(0.01, geometry="PRO", per_leaf=True).init(_SMALL))
-    assert st.precond["w"].geometry == "PRO"
+    assert st.preconditioners()["w"].geometry == "PRO"
     st = _psgd_state(pe.dense(0.01, geometry="Q0.5EQ1.5").init(_SMALL))
     assert st.global_precond.geometry == "PRO"
     st = _psgd_state(pe.dense(0.01, precond_dtype=jnp.bfloat16).init(_SMALL))

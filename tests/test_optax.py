@@ -40,7 +40,7 @@ def _is_kron(x) -> bool:
 
 
 def _kron_leaves(state: PSGDState) -> list:
-    return [x for x in jax.tree.leaves(state.precond, is_leaf=_is_kron) if _is_kron(x)]
+    return [x for x in jax.tree.leaves(state.preconditioners(), is_leaf=_is_kron) if _is_kron(x)]
 
 
 def _problem(seed: int):
@@ -83,10 +83,11 @@ def test_kron_in_chain_state_structure():
     assert isinstance(state, tuple)
     (st,) = _psgd_states(state)
     # precond mirrors the params tree with KronQ leaves
-    assert jax.tree.structure(st.precond, is_leaf=_is_kron) == jax.tree.structure(params)
-    assert all(_is_kron(q) for q in jax.tree.leaves(st.precond, is_leaf=_is_kron))
-    assert st.precond["w"].shape == (6, 4) and st.precond["w"].dense == (True, True)
-    assert st.precond["b"].shape == (4,) and st.precond["b"].dense == (False,)
+    assert jax.tree.structure(st.preconditioners(), is_leaf=_is_kron) == jax.tree.structure(params)
+    assert all(_is_kron(q) for q in jax.tree.leaves(st.preconditioners(), is_leaf=_is_kron))
+    w = st.preconditioners()["w"]
+    assert w.shape == (6, 4) and w.dense == (True, True)
+    assert st.preconditioners()["b"].shape == (4,) and st.preconditioners()["b"].dense == (False,)
     assert jax.tree.structure(st.mu) == jax.tree.structure(params)
 
     grads = {"w": jnp.full((6, 4), 3.0, jnp.float32), "b": jnp.full((4,), -2.0, jnp.float32)}
@@ -498,12 +499,12 @@ def test_update_preconditioner_override():
         state = step(state, {"w": jax.random.normal(keys[i], (6, 4))}, jnp.array(True))
         assert int(state.refits) == i + 1
     # False suppresses refits, also when the counter is due (10 steps > 1/p)
-    q_before = state.precond
+    q_before = state.preconditioners()
     for i in range(4, 20):
         state = step(state, {"w": jax.random.normal(keys[i], (6, 4))}, jnp.array(False))
     assert int(state.refits) == 4
     assert int(state.count) == 20
-    assert eqx.tree_equal(state.precond, q_before)
+    assert eqx.tree_equal(state.preconditioners(), q_before)
 
 
 def test_static_options_are_not_injected_and_say_so_when_traced():
@@ -522,6 +523,6 @@ def test_static_options_are_not_injected_and_say_so_when_traced():
     static = optax.inject_hyperparams(psgd_eqx.kron, static_args=("max_size_triangular",))(
         learning_rate=_LR, max_size_triangular=2)
     kron_state = _psgd_state(jax.jit(static.init)(params).inner_state)
-    assert kron_state.precond["w"].dense == (False, False)
+    assert kron_state.preconditioners()["w"].dense == (False, False)
     eager = _psgd_state(given.init(params).inner_state)
-    assert eager.precond["w"].dense == (False, False)
+    assert eager.preconditioners()["w"].dense == (False, False)

@@ -41,7 +41,7 @@ def test_factor_kinds_table(shape, rules, kinds):
     # the preconditioner the optimizer builds follows the plan
     opt = pe.scale_by_kron(**rules)
     state = opt.init({"p": jnp.zeros(shape)})
-    q = state.precond["p"]
+    q = state.preconditioners()["p"]
     assert tuple("dense" if d else "diag" for d in q.dense) == kinds
     assert q.state_bytes == plan.state_bytes
 
@@ -120,7 +120,7 @@ def test_kron_builds_the_budgeted_plan():
     scanned = {"emb": False, "blocks": {"w": True}, "b": False}
     opt = pe.kron(1e-3, scanned_layers=scanned, memory_budget_bytes=budget)
     state = opt.init(params)
-    precond = state[0].precond
+    precond = state[0].preconditioners()
     plan = pe.kron_plan(params, scanned_layers=scanned, memory_budget_bytes=budget)
     assert precond["emb"].dense == tuple(k != "diag" for k in plan["emb"].factor_kinds)
     nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(precond))
@@ -154,7 +154,7 @@ def test_plan_bytes_equal_built_bytes(param_dtype, precond_dtype):
     built = {
         jax.tree_util.keystr(path): q.state_bytes
         for path, q in jax.tree_util.tree_flatten_with_path(
-            state.precond, is_leaf=lambda x: isinstance(x, pe.AbstractPrecond))[0]
+            state.preconditioners(), is_leaf=lambda x: isinstance(x, pe.AbstractPrecond))[0]
     }
     planned = {
         jax.tree_util.keystr(path): lp.state_bytes

@@ -67,7 +67,8 @@ def test_bf16_preconditioner_storage_trains(name):
     opt = getattr(pe, name)(1e-2, precond_dtype=jnp.bfloat16, mu_dtype=jnp.bfloat16)
     state = opt.init(params)
     psgd_state = state[0]
-    before = jax.tree.map(lambda a: a.dtype, (psgd_state.precond, psgd_state.global_precond))
+    before = jax.tree.map(lambda a: a.dtype,
+                          (psgd_state.preconditioners(), psgd_state.global_precond))
 
     @jax.jit
     def step(p, state):
@@ -79,9 +80,9 @@ def test_bf16_preconditioner_storage_trains(name):
     for _ in range(100):
         p, state, value = step(p, state)
         values.append(float(value))
-    after = jax.tree.map(lambda a: a.dtype, (state[0].precond, state[0].global_precond))
+    after = jax.tree.map(lambda a: a.dtype, (state[0].preconditioners(), state[0].global_precond))
     assert after == before  # storage dtypes survive the f32 fit
-    stored = [a for a in jax.tree.leaves((state[0].precond, state[0].global_precond))]
+    stored = [a for a in jax.tree.leaves((state[0].preconditioners(), state[0].global_precond))]
     assert any(a.dtype == jnp.bfloat16 for a in stored)
     assert state[0].mu["w"].dtype == jnp.bfloat16
     assert np.isfinite(values).all() and values[-1] < 0.7 * values[0]

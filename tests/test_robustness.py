@@ -104,7 +104,7 @@ def test_serialise_midrun_gives_identical_continuation(tmp_path, kwargs):
     assert eqx.tree_equal((params_r, state_r), (params, state), typematch=True)
     assert int(_psgd_state(state_r).count) == 5
     if kwargs.get("cache_preconditioner"):
-        q = _psgd_state(state_r).precond["w"]
+        q = _psgd_state(state_r).preconditioners()["w"]
         assert q.cache is not None and all(c is not None for c in q.cache)
 
     params_a, state_a = _run(apply, params, state, prob, 5)
@@ -112,7 +112,8 @@ def test_serialise_midrun_gives_identical_continuation(tmp_path, kwargs):
     assert eqx.tree_equal((params_a, state_a), (params_b, state_b), typematch=True)
     assert int(_psgd_state(state_b).count) == 10
     assert not eqx.tree_equal(params_a, params)
-    assert not eqx.tree_equal(_psgd_state(state_a).precond, _psgd_state(state).precond)
+    assert not eqx.tree_equal(_psgd_state(state_a).preconditioners(),
+                              _psgd_state(state).preconditioners())
 
 
 # -- non-finite and extreme gradients ----------------------------------------------------
@@ -142,7 +143,7 @@ def test_bad_gradient_mid_run(bad, which):
     }
     new_params, new_state, updates = apply(params, state, g_bad)
     st0, st1 = _psgd_state(state), _psgd_state(new_state)
-    assert tree_finite((st1.mu, st1.precond))
+    assert tree_finite((st1.mu, st1.preconditioners()))
     assert int(st1.count) == int(st0.count) + 1
     assert not eqx.tree_equal(st1.key, st0.key)
 
@@ -155,7 +156,7 @@ def test_bad_gradient_mid_run(bad, which):
         assert int(st1.refits) == int(st0.refits) + 1
     else:
         # refit skipped: Q, L and the momentum unchanged; the refit counter not reset
-        assert eqx.tree_equal(st1.precond, st0.precond)
+        assert eqx.tree_equal(st1.preconditioners(), st0.preconditioners())
         assert eqx.tree_equal(st1.mu, st0.mu)
         assert int(st1.refits) == int(st0.refits)
         # the schedule's accumulated probability is kept, so the next finite step refits
@@ -191,7 +192,7 @@ def test_zero_gradient_at_first_step():
     st = _psgd_state(state)
     assert tree_finite(state)
     # the init scale fell back to 1: Q is still of order one after one refit step
-    for q in jax.tree.leaves(st.precond, is_leaf=lambda x: isinstance(x, KronQ)):
+    for q in jax.tree.leaves(st.preconditioners(), is_leaf=lambda x: isinstance(x, KronQ)):
         for f in q.factors:
             assert 0.5 < float(jnp.max(jnp.abs(f))) < 2.0
     loss0 = float(_loss_jit(params, *prob))

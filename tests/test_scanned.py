@@ -104,7 +104,7 @@ def test_kron_scanned_layers_equinox_stack():
                 lax_map_batch_size=3),
         params, loss,
     )
-    w = st_v[0].precond.weight
+    w = st_v[0].preconditioners().weight
     assert isinstance(w, StackedQ) and w.layers == 4
     assert [f.shape for f in w.inner.factors] == [(4, 12, 12), (4, 12, 12)]
     assert losses_v[-1] < 0.8 * losses_v[0]
@@ -128,7 +128,7 @@ def test_scanned_layers_with_inject_hyperparams():
     )
     state = opt.init(params)
     updates, state = jax.jit(opt.update)(params, state, params)
-    assert isinstance(state.inner_state[0].precond["w"], StackedQ)
+    assert isinstance(state.inner_state[0].preconditioners()["w"], StackedQ)
     assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
     buf = io.BytesIO()
     eqx.tree_serialise_leaves(buf, state)
@@ -149,7 +149,7 @@ def test_scanned_stack_is_exactly_its_layers(spike):
     stacked, separate = pe.kron(1e-3, scanned_layers={"w": True}), pe.kron(1e-3)
     ps, pl = {"w": w0}, {f"w{i}": w0[i] for i in range(layers)}
     ss, sl = stacked.init(ps), separate.init(pl)
-    assert isinstance(ss[0].precond["w"], StackedQ)
+    assert isinstance(ss[0].preconditioners()["w"], StackedQ)
     step_s, step_l = jax.jit(stacked.update), jax.jit(separate.update)
     for t in range(steps):
         g = jax.random.normal(jax.random.fold_in(key, t), (layers, *shape))

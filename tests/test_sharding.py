@@ -39,11 +39,11 @@ def test_spec_tree_matches_the_state():
     st = specs[0]
     # the momentum follows the params (specs normalised: trailing Nones dropped)
     assert st.mu == {"w": P("fsdp"), "b": P(), "s": P(None, "fsdp")}
-    w = st.precond["w"]
+    w = st.preconditioners()["w"]
     assert w.factors[0] == P("fsdp")  # rows like the sharded axis
     assert w.factors[1] == P("fsdp")  # the unsharded side is spread too (32 % 8 == 0)
     assert w.lipschitz == P()
-    s = st.precond["s"]  # stacked: (4, 16, 16) and (4, 8, 8)
+    s = st.preconditioners()["s"]  # stacked: (4, 16, 16) and (4, 8, 8)
     assert s.inner.factors[0] == P(None, "fsdp")
     assert st.count == P() and st.key == P()
 
@@ -52,11 +52,11 @@ def test_divisibility_and_no_mesh():
     params = {"w": jnp.zeros((64, 12))}
     kw = dict(params_partition_specs={"w": P("fsdp", None)})
     with_mesh = psgd_eqx.get_opt_state_partition_specs(params, mesh=_mesh([8], ["fsdp"]), **kw)
-    assert with_mesh[0].precond["w"].factors == (P("fsdp"), P())  # 12 % 8 != 0
+    assert with_mesh[0].preconditioners()["w"].factors == (P("fsdp"), P())  # 12 % 8 != 0
     without = psgd_eqx.get_opt_state_partition_specs(params, **kw)
-    assert without[0].precond["w"].factors == (P("fsdp"), P())  # no sizes: no spreading
+    assert without[0].preconditioners()["w"].factors == (P("fsdp"), P())  # no sizes: no spreading
     small = psgd_eqx.get_opt_state_partition_specs(params, mesh=_mesh([128], ["fsdp"]), **kw)
-    assert small[0].precond["w"].factors == (P(), P())  # 64 % 128 != 0: replicated
+    assert small[0].preconditioners()["w"].factors == (P(), P())  # 64 % 128 != 0: replicated
 
 
 def test_preconditioner_partition_spec_and_scale_by_kron_only():
@@ -67,8 +67,8 @@ def test_preconditioner_partition_spec_and_scale_by_kron_only():
     mesh = _mesh([4, 2], ["fsdp", "tp"])
     specs = psgd_eqx.get_opt_state_partition_specs(params, True, mesh=mesh, **kw)
     assert isinstance(specs, psgd_eqx.PSGDState)
-    assert specs.precond["w"].factors == (P("tp", "fsdp"), P("tp", "fsdp"))
-    assert specs.precond["b"].factors == (P("tp"),)  # diagonal: like its axis
+    assert specs.preconditioners()["w"].factors == (P("tp", "fsdp"), P("tp", "fsdp"))
+    assert specs.preconditioners()["b"].factors == (P("tp"),)  # diagonal: like its axis
 
 
 def test_blocked_stack_is_sharded_like_the_cut_axis():
@@ -76,7 +76,7 @@ def test_blocked_stack_is_sharded_like_the_cut_axis():
     kw = dict(params_partition_specs={"emb": P("fsdp", None)},
               partition_grads_into_blocks=True, max_size_triangular=512, block_size=128)
     specs = psgd_eqx.get_opt_state_partition_specs(params, mesh=_mesh([8], ["fsdp"]), **kw)
-    q = specs[0].precond["emb"]
+    q = specs[0].preconditioners()["emb"]
     assert isinstance(q, psgd_eqx.BlockedQ)
     # 8 blocks of (128, 64): the block axis takes "fsdp", the 64×64 factor cannot reuse it
     assert q.groups[0].factors == (P("fsdp"), P("fsdp"))
@@ -226,8 +226,8 @@ def test_scalar_param_gets_a_replicated_factor():
     params = {"s": jnp.zeros(()), "w": jnp.zeros((16, 8))}
     kw = dict(params_partition_specs={"s": P(), "w": P("fsdp")})
     specs = psgd_eqx.get_opt_state_partition_specs(params, mesh=_mesh([8], ["fsdp"]), **kw)
-    assert specs[0].precond["s"].factors == (P(),)
-    assert specs[0].precond["w"].factors == (P("fsdp"), P("fsdp"))
+    assert specs[0].preconditioners()["s"].factors == (P(),)
+    assert specs[0].preconditioners()["w"].factors == (P("fsdp"), P("fsdp"))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,160 @@
+"""The state's layout: per-leaf values stored once per bucket of identical leaves.
+
+`update` runs every part of the step once per bucket of identical leaves (`_bucket.Groups`).
+If the state kept one array per leaf, every step would stack each bucket's preconditioners
+and momenta on the way in and slice them apart on the way out: a few ops *per leaf* in the
+compiled step, which is what made compile time and per-step overhead grow with the number
+of leaves instead of the number of distinct shapes. So the state stores the stacks
+themselves: [`psgd_eqx.LeafBuckets`][] holds, per bucket, its members' values stacked on a
+new leading axis (a bucket of one keeps its value as is), and the per-leaf view is
+computed only when someone asks for it (`tree()`, `leaves()`, or
+[`psgd_eqx.PSGDState.preconditioner`][]).
+
+The buckets are fixed at `init` (from the preconditioner's structure and the parameter's
+shape and dtype), so a checkpoint's layout does not depend on the gradients.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+from jax.sharding import PartitionSpec as P
+from jaxtyping import PyTree
+
+from ._bucket import Groups
+
+
+def _is_p(x) -> bool:
+    return isinstance(x, P)
+
+
+def _row(x, j: int):
+    """Member `j` of a stacked value: an array's row, a shape's tail, a spec's tail."""
+    if isinstance(x, P):  # a spec of a stack: the stack axis is its first entry
+        return P(*tuple(x)[1:])
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+    return x[j]
+
+
+def _shape_of(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x
+
+
+class LeafBuckets(eqx.Module):
+    """Values of a model's parameter leaves, stored per bucket of identical leaves.
+
+    This is how [`psgd_eqx.PSGDState`][] keeps its per-leaf fields (`precond`, `mu`): a
+    bucket is a set of leaves whose values have the same structure, shapes and dtypes
+    (e.g. every layer's query weight), stored as one stack. Read the per-leaf values with
+    `tree()` (a pytree like the params) or `leaves()` (a list in flattening order).
+
+    **Fields:**
+
+    - `stacks`: one entry per bucket: its members' values stacked along a new leading
+        axis, or the one member's value for a bucket of one.
+    - `loose`: one entry per leaf: the value of a leaf that is in no bucket (an integer
+        or boolean parameter, which is not trained), `None` for a bucketed leaf.
+    - `index`: (static) per bucket, its members' leaf indices in flattening order.
+    - `treedef`: (static) the params' tree structure.
+    """
+
+    stacks: tuple
+    loose: tuple
+    index: tuple[tuple[int, ...], ...] = eqx.field(static=True)
+    treedef: Any = eqx.field(static=True)
+
+    @classmethod
+    def build(cls, values: Sequence[Any], groups: Groups, treedef) -> "LeafBuckets":
+        """Store per-leaf `values` (flattening order) in the buckets of `groups`.
+
+        **Arguments:**
+
+        - `values`: one value per leaf; members of a bucket must have equal structure,
+            shapes and dtypes.
+        - `groups`: the buckets (a `_bucket.Groups`).
+        - `treedef`: the params' tree structure.
+
+        **Returns:** a `LeafBuckets`.
+        """
+        grouped = {i for idx in groups.index for i in idx}
+        loose = tuple(None if i in grouped else v for i, v in enumerate(values))
+        return cls(tuple(groups.stack(values)), loose,
+                   tuple(tuple(idx) for idx in groups.index), treedef)
+
+    @property
+    def groups(self) -> Groups:
+        """The buckets as a `_bucket.Groups`."""
+        return Groups.from_index(len(self.loose), self.index)
+
+    def with_stacks(self, stacks: Sequence[Any]) -> "LeafBuckets":
+        """The same layout holding new per-bucket values."""
+        return LeafBuckets(tuple(stacks), self.loose, self.index, self.treedef)
+
+    def leaves(self) -> list[Any]:
+        """Every leaf's value, in flattening order (slices of the stacks)."""
+        out = list(self.loose)
+        for idx, stack in zip(self.index, self.stacks):
+            if len(idx) == 1:
+                out[idx[0]] = stack
+                continue
+            for j, i in enumerate(idx):
+                out[i] = jax.tree.map(lambda x, j=j: _row(x, j), stack, is_leaf=_is_p)
+        return out
+
+    def tree(self) -> PyTree:
+        """The per-leaf values as a pytree like the params."""
+        return jax.tree.unflatten(self.treedef, self.leaves())
+
+    def shapes(self) -> list[Any]:
+        """Every leaf's value with `jax.ShapeDtypeStruct`s for arrays, computed without
+        slicing anything (what input checks read)."""
+        return LeafBuckets(jax.tree.map(_shape_of, self.stacks),
+                           jax.tree.map(_shape_of, self.loose), self.index,
+                           self.treedef).leaves()
+
+    def map_members(self, fn: Callable[[Any, int], Any],
+                    merge: Callable[[list[Any]], Any]) -> "LeafBuckets":
+        """A new `LeafBuckets` from per-leaf results: `fn(leaf value, leaf index)` per
+        leaf (on the `shapes()` view), combined per bucket by `merge(list of results)`
+        (the results of a bucket of one are kept as they are)."""
+        views = self.shapes()
+        stacks = []
+        for idx in self.index:
+            per = [fn(views[i], i) for i in idx]
+            stacks.append(per[0] if len(idx) == 1 else merge(per))
+        loose = tuple(None if v is None else fn(v, i) for i, v in enumerate(self.loose))
+        return LeafBuckets(tuple(stacks), loose, self.index, self.treedef)
+
+
+def as_layout(precond: Any, treedef) -> LeafBuckets:
+    """The state's `precond` as a `LeafBuckets`. A params tree without leaves (e.g. the
+    single placeholder of `optax.tree_map_params`) has no buckets: `init` keeps its
+    (array-free) tree as is, so that `tree_map_params` finds the params' structure."""
+    if isinstance(precond, LeafBuckets):
+        return precond
+    return LeafBuckets((), tuple([None] * treedef.num_leaves), (), treedef)
+
+
+def leaf_index(treedef, path: Any) -> int:
+    """The flattening-order index of the leaf at `path` (a key path, or its `keystr`)."""
+    dummy = jax.tree.unflatten(treedef, list(range(treedef.num_leaves)))
+    for p, i in jax.tree_util.tree_flatten_with_path(dummy)[0]:
+        if p == path or jax.tree_util.keystr(p) == path:
+            return i
+    names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(dummy)[0]]
+    raise KeyError(f"No parameter at {path!r}; the paths are: {', '.join(names)}.")
+
+
+def stack_specs(specs: list[Any]) -> Any:
+    """One spec tree for a stack from its members' spec trees: the stack axis is
+    replicated, and a dimension is sharded only where every member shards it alike."""
+
+    def merge(*ps):
+        n = max(len(p) for p in ps)
+        cols = [[tuple(p)[d] if d < len(p) else None for p in ps] for d in range(n)]
+        return P(None, *(c[0] if all(x == c[0] for x in c) else None for c in cols))
+
+    return jax.tree.map(merge, *specs, is_leaf=_is_p)
+
