@@ -28,6 +28,7 @@ import optax
 
 from ._geometry import canonical_geometry
 from ._misc import check_number, concrete, concrete_or_same, init_int
+from ._schedules import precond_update_prob_schedule
 
 
 class Static:
@@ -426,15 +427,22 @@ KRON: tuple[Option, ...] = (
     Option("weight_decay", 0.0, "decoupled (lr-scaled) weight decay, ≥ 0, as `optax.adamw`.",
            at_least_zero),
     Option("weight_decay_mask", None, "a pytree of bools or a callable, as in `optax.adamw`."),
-    _t("preconditioner_update_probability"),
+    _t("preconditioner_update_probability", default=precond_update_prob_schedule(),
+       doc="refit probability, a constant in (0, 1] or a schedule of the step count; the "
+           "default is psgd_jax's anneal [`psgd_eqx.precond_update_prob_schedule`][] "
+           "(every step for 500 steps, then down to 0.03 by step ≈ 4,000: chosen by "
+           "quality per wall-clock second, see the *Choosing kron's defaults* guide)."),
     Option("max_size_triangular", 8192, "axes longer than this get a diagonal factor.",
            nonneg_number, static=True),
     Option("min_ndim_triangular", 2,
            "tensors with fewer (squeezed) axes get only diagonal factors.", integer(0),
            static=True),
-    Option("max_skew_triangular", math.inf,
+    Option("max_skew_triangular", 1.0,
            "axis i gets a diagonal factor when nᵢ² > max_skew · N (N = number of elements; "
-           "the reference's `preconditioner_max_skew`; psgdax uses 1.0).", nonneg_number,
+           "the reference's `preconditioner_max_skew`). The default 1.0 (psgdax's) gives a "
+           "256×1024 matrix a dense 256 and a diagonal 1024 factor; `math.inf` (psgd_jax's) "
+           "makes every axis up to `max_size_triangular` dense (chosen by quality per "
+           "wall-clock second, see the *Choosing kron's defaults* guide).", nonneg_number,
            static=True),
     Option("memory_save_mode", None,
            "`None`, `\"one_diag\"` (the largest axis diagonal), `\"smart_one_diag\"` (the "

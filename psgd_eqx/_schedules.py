@@ -1,5 +1,6 @@
 """Schedules that run on device: refit probability and preconditioner learning rate."""
 
+import dataclasses
 from collections.abc import Callable
 
 import jax.numpy as jnp
@@ -36,12 +37,28 @@ def precond_update_prob_schedule(
     if not flat_start >= 0:
         raise ValueError(f"`flat_start` must be >= 0; got {flat_start!r}.")
 
-    def schedule(count: ArrayLike) -> Float[Array, ""]:
-        t = jnp.asarray(count).astype(jnp.float32)
-        p = max_prob * jnp.exp(-decay * (t - flat_start))
-        return jnp.clip(p, min_prob, max_prob)
+    return _Anneal(float(max_prob), float(min_prob), float(decay), int(flat_start))
 
-    return schedule
+
+@dataclasses.dataclass(frozen=True)
+class _Anneal:
+    """The schedule of `precond_update_prob_schedule`: a value (hashable, comparable, with
+    the call that made it as its repr), so it can be a default and an eager-cache key."""
+
+    max_prob: float
+    min_prob: float
+    decay: float
+    flat_start: int
+
+    def __call__(self, count: ArrayLike) -> Float[Array, ""]:
+        t = jnp.asarray(count).astype(jnp.float32)
+        p = self.max_prob * jnp.exp(-self.decay * (t - self.flat_start))
+        return jnp.clip(p, self.min_prob, self.max_prob)
+
+    def __repr__(self) -> str:
+        return (f"precond_update_prob_schedule(max_prob={self.max_prob}, "
+                f"min_prob={self.min_prob}, decay={self.decay}, "
+                f"flat_start={self.flat_start})")
 
 
 def as_schedule(value, name: str) -> Callable[[ArrayLike], Float[Array, ""]]:

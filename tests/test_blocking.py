@@ -160,8 +160,10 @@ def test_blocked_kron_trains_and_matches_plan():
         return jnp.mean((p["w"] * a - target) ** 2) + jnp.mean(p["s"] ** 2)
 
     params = {"w": jnp.zeros((40, 6)), "s": jnp.ones((3, 40, 6))}
+    # skew ∞: the 40-axis is diagonal only for its length (the default skew 1.0 would
+    # make it diagonal anyway, and nothing would be cut)
     kw = dict(partition_grads_into_blocks=True, block_size=16, max_size_triangular=20,
-              scanned_layers={"w": False, "s": True})
+              scanned_layers={"w": False, "s": True}, max_skew_triangular=math.inf)
     opt = psgd_eqx.kron(0.05, **kw)
     state = opt.init(params)
     plan = kron_plan(params, **kw)
@@ -186,7 +188,8 @@ def test_blocked_kron_trains_and_matches_plan():
 
 def test_budget_demotes_a_blocked_axis():
     params = {"emb": jax.ShapeDtypeStruct((1000, 16), jnp.float32)}
-    kw = dict(partition_grads_into_blocks=True, block_size=100, max_size_triangular=256)
+    kw = dict(partition_grads_into_blocks=True, block_size=100, max_size_triangular=256,
+              max_skew_triangular=math.inf)
     full = kron_plan(params, **kw)["emb"]
     assert full.blocks and full.num_blocks == 10
     cut = kron_plan(params, **kw, memory_budget_bytes=full.state_bytes - 1)["emb"]

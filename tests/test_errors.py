@@ -54,7 +54,9 @@ def _numeric_options():
     for factory, (fn, _) in FACTORIES.items():
         for name, p in inspect.signature(fn).parameters.items():
             default = unwrap(p.default)
-            if name == "learning_rate" or name in NUMERIC_NONE_DEFAULT or (
+            # a number or a schedule (kron's default refit probability is a schedule)
+            scheduled = name in ("learning_rate", "preconditioner_update_probability")
+            if scheduled or name in NUMERIC_NONE_DEFAULT or (
                 isinstance(default, (int, float)) and not isinstance(default, bool)
             ):
                 cases.append((factory, name))

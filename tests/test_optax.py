@@ -77,7 +77,8 @@ def _apply(params, state, grads):
 
 def test_kron_in_chain_state_structure():
     params = {"w": jnp.ones((6, 4), jnp.float32), "b": jnp.ones((4,), jnp.float32)}
-    opt = optax.chain(optax.clip_by_global_norm(1.0), psgd_eqx.kron(1e-2))
+    opt = optax.chain(optax.clip_by_global_norm(1.0),
+                      psgd_eqx.kron(1e-2, max_skew_triangular=math.inf))
     assert isinstance(psgd_eqx.kron(1e-2), optax.GradientTransformationExtraArgs)
     state = opt.init(params)
     assert isinstance(state, tuple)

@@ -15,11 +15,14 @@ TABLE = [
     ((1,), {}, ("diag",)),
     ((1, 1), {}, ("diag",)),
     ((7,), {}, ("diag",)),  # 1 axis < min_ndim_triangular = 2
-    ((7,), {"min_ndim_triangular": 1}, ("dense",)),
+    ((7,), {"min_ndim_triangular": 1}, ("diag",)),  # default skew 1.0: 7² > 1·7
+    ((7,), {"min_ndim_triangular": 1, "max_skew_triangular": INF}, ("dense",)),
     ((1, 64), {}, ("diag",)),  # squeezed to a vector
-    ((64, 32), {}, ("dense", "dense")),
-    ((64, 1, 32), {}, ("dense", "dense")),
+    ((64, 32), {"max_skew_triangular": INF}, ("dense", "dense")),
+    ((64, 1, 32), {"max_skew_triangular": INF}, ("dense", "dense")),
+    ((64, 1, 32), {}, ("diag", "dense")),  # the default skew 1.0: 64² > 2048
     ((64, 32), {"max_skew_triangular": 1.0}, ("diag", "dense")),  # 64² > 2048
+    ((64, 32), {}, ("diag", "dense")),
     ((32, 32), {"max_skew_triangular": 1.0}, ("dense", "dense")),
     ((10000, 64), {}, ("diag", "dense")),  # 10000 > max_size_triangular 8192
     ((100, 64), {"max_size_triangular": 80}, ("diag", "dense")),
@@ -47,12 +50,14 @@ def test_factor_kinds_table(shape, rules, kinds):
 
 
 def test_eq_factors_are_triangular_and_bytes():
-    plan = pe.kron_plan(jnp.zeros((64, 32)), geometry="EQ")
+    plan = pe.kron_plan(jnp.zeros((64, 32)), geometry="EQ", max_skew_triangular=INF)
     assert plan.factor_kinds == ("triangular", "triangular")
     assert plan.state_bytes == (64 * 64 + 32 * 32) * 4 + 2 * 4
-    cached = pe.kron_plan(jnp.zeros((64, 32)), cache_preconditioner=True)
+    cached = pe.kron_plan(jnp.zeros((64, 32)), cache_preconditioner=True,
+                          max_skew_triangular=INF)
     assert cached.state_bytes == 2 * (64 * 64 + 32 * 32) * 4 + 2 * 4
-    half = pe.kron_plan(jnp.zeros((64, 32)), precond_dtype=jnp.bfloat16)
+    half = pe.kron_plan(jnp.zeros((64, 32)), precond_dtype=jnp.bfloat16,
+                        max_skew_triangular=INF)
     assert half.state_bytes == (64 * 64 + 32 * 32) * 2 + 2 * 4
     assert "dense(64)" in str(plan).replace("triangular", "dense")
 
@@ -89,7 +94,7 @@ def _tree():
 
 def test_plan_scanned_layers_and_table():
     scanned = {"emb": False, "blocks": {"w": True}, "b": False}
-    plan = pe.kron_plan(_tree(), scanned_layers=scanned)
+    plan = pe.kron_plan(_tree(), scanned_layers=scanned, max_skew_triangular=INF)
     w = plan["blocks"]["w"]
     assert w.layers == 4 and w.axes == (64, 256) and w.factor_kinds == ("dense", "dense")
     assert w.state_bytes == 4 * (4 * (64 * 64 + 256 * 256) + 2 * 4)

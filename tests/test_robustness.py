@@ -88,7 +88,7 @@ def _run(apply, params, state, prob, steps: int):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, {"geometry": "EQ"}, {"cache_preconditioner": True}],
+    [{}, {"geometry": "EQ"}, {"cache_preconditioner": True, "max_skew_triangular": math.inf}],
     ids=["PRO", "EQ", "cache"],
 )
 def test_serialise_midrun_gives_identical_continuation(tmp_path, kwargs):

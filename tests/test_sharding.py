@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -63,7 +64,7 @@ def test_preconditioner_partition_spec_and_scale_by_kron_only():
     params = {"w": jnp.zeros((64, 32)), "b": jnp.zeros((32,))}
     kw = dict(learning_rate=1e-3, weight_decay=0.1,
               params_partition_specs={"w": P("fsdp", "tp"), "b": P("tp")},
-              preconditioner_partition_spec=P("tp", "fsdp"))
+              preconditioner_partition_spec=P("tp", "fsdp"), max_skew_triangular=math.inf)
     mesh = _mesh([4, 2], ["fsdp", "tp"])
     specs = psgd_eqx.get_opt_state_partition_specs(params, True, mesh=mesh, **kw)
     assert isinstance(specs, psgd_eqx.PSGDState)
@@ -74,7 +75,8 @@ def test_preconditioner_partition_spec_and_scale_by_kron_only():
 def test_blocked_stack_is_sharded_like_the_cut_axis():
     params = {"emb": jnp.zeros((1024, 64))}
     kw = dict(params_partition_specs={"emb": P("fsdp", None)},
-              partition_grads_into_blocks=True, max_size_triangular=512, block_size=128)
+              partition_grads_into_blocks=True, max_size_triangular=512, block_size=128,
+              max_skew_triangular=math.inf)
     specs = psgd_eqx.get_opt_state_partition_specs(params, mesh=_mesh([8], ["fsdp"]), **kw)
     q = specs[0].preconditioners()["emb"]
     assert isinstance(q, psgd_eqx.BlockedQ)
