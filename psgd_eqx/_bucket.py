@@ -72,25 +72,41 @@ class Groups:
         if not enabled:
             groups = [[i] for g in groups for i in g]
         self.index: list[list[int]] = groups
+        self.pads: list[int] = [0] * len(groups)  # inert rows after a stack's members
         self._ids: tuple | None = None  # see `index_at_runtime`
 
     @classmethod
-    def from_index(cls, n: int, index) -> "Groups":
-        """Groups of `n` leaves with the given members (a layout stored in the state)."""
+    def from_index(cls, n: int, index, pads=None) -> "Groups":
+        """Groups of `n` leaves with the given members (a layout stored in the state) and
+        `pads[g]` inert rows after group `g`'s members in its stacks (`None`: none)."""
         self = cls.__new__(cls)
         self.n, self.index, self._ids = n, [list(idx) for idx in index], None
+        self.pads = list(pads) if pads else [0] * len(self.index)
         return self
+
+    def padded_to(self, size: int) -> "Groups":
+        """A copy whose stacks (groups of two or more) are padded to a multiple of
+        `size` rows (owner-computes sharding: every device owns as many rows)."""
+        pads = [(-len(idx)) % size if len(idx) > 1 else 0 for idx in self.index]
+        return Groups.from_index(self.n, self.index, pads)
 
     def stacked(self, g: int) -> bool:
         """Whether group `g` holds a stack (more than one leaf)."""
         return len(self.index[g]) > 1
 
-    def stack(self, values: Sequence[Any]) -> list[Any]:
-        """Per-leaf values (pytrees with equal structure within a group) → per group."""
+    def stack(self, values: Sequence[Any], pad_with: str = "zeros") -> list[Any]:
+        """Per-leaf values (pytrees with equal structure within a group) → per group.
+        Padding rows (see `pads`) are zeros, or copies of the first member with
+        `pad_with="first"`."""
         out = []
         for g, idx in enumerate(self.index):
             if self.stacked(g):
-                out.append(jax.tree.map(lambda *xs: jnp.stack(xs), *(values[i] for i in idx)))
+                rows = [values[i] for i in idx]
+                if self.pads[g]:
+                    first = rows[0] if pad_with == "first" else jax.tree.map(
+                        jnp.zeros_like, rows[0])
+                    rows += [first] * self.pads[g]
+                out.append(jax.tree.map(lambda *xs: jnp.stack(xs), *rows))
             else:
                 out.append(values[idx[0]])
         return out
@@ -124,7 +140,7 @@ class Groups:
 
         **Returns:** a copy of these groups whose `unstack` slices that way.
         """
-        out = Groups.from_index(self.n, self.index)
+        out = Groups.from_index(self.n, self.index, self.pads)
         n = max((len(idx) for idx in self.index), default=0)
         if n > 1:
             consts = tuple(jnp.int32(j) for j in range(n))
@@ -147,5 +163,5 @@ class Groups:
 
     def indices(self) -> list[Any]:
         """Each group's leaf indices as an int32 array (a stack) or a Python int."""
-        return [jnp.asarray(idx, jnp.int32) if len(idx) > 1 else idx[0]
-                for idx in self.index]
+        return [jnp.asarray(idx + [idx[0]] * pad, jnp.int32) if len(idx) > 1 else idx[0]
+                for idx, pad in zip(self.index, self.pads)]

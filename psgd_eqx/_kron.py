@@ -208,7 +208,14 @@ def get_opt_state_partition_specs(o: Options) -> PyTree[PartitionSpec]:
     """
     kwargs = _factory_kwargs(o.scale_by_kron_only, o.kwargs)
     factory = scale_by_kron if o.scale_by_kron_only else kron
-    shapes = jax.eval_shape(factory(**kwargs).init, o.params)
+    mesh = o.mesh
+    if mesh is not None and kwargs.get("owner_axes") is not None:
+        # owner-computes pads each stack to the size of the owner axes: `init` reads the mesh
+        abstract = getattr(mesh, "abstract_mesh", mesh)
+        with jax.sharding.use_abstract_mesh(abstract):
+            shapes = jax.eval_shape(factory(**kwargs).init, o.params)
+    else:
+        shapes = jax.eval_shape(factory(**kwargs).init, o.params)
     return state_partition_specs(
         shapes, o.params, kwargs.get("params_partition_specs"), mesh=o.mesh,
         preconditioner_partition_spec=kwargs.get("preconditioner_partition_spec"),

@@ -14,13 +14,15 @@ The buckets are fixed at `init` (from the preconditioner's structure and the par
 shape and dtype), so a checkpoint's layout does not depend on the gradients.
 """
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
-from jaxtyping import PyTree
+from jaxtyping import Array, PyTree
 
 from ._bucket import Groups
 
@@ -58,39 +60,51 @@ class LeafBuckets(eqx.Module):
         or boolean parameter, which is not trained), `None` for a bucketed leaf.
     - `index`: (static) per bucket, its members' leaf indices in flattening order.
     - `treedef`: (static) the params' tree structure.
+    - `pad`: (static) per bucket, how many inert members follow the real ones in its
+        stack (owner-computes sharding pads a stack to a multiple of the devices that
+        share it); empty when nothing is padded.
+    - `owner`: (static) the mesh axes the stacks of two or more members are sharded over
+        (owner-computes sharding), or `None` (placement sharding).
     """
 
     stacks: tuple
     loose: tuple
     index: tuple[tuple[int, ...], ...] = eqx.field(static=True)
     treedef: Any = eqx.field(static=True)
+    pad: tuple[int, ...] = eqx.field(static=True, default=())
+    owner: tuple[str, ...] | None = eqx.field(static=True, default=None)
 
     @classmethod
-    def build(cls, values: Sequence[Any], groups: Groups, treedef) -> "LeafBuckets":
+    def build(cls, values: Sequence[Any], groups: Groups, treedef,
+              owner: tuple[str, ...] | None = None) -> "LeafBuckets":
         """Store per-leaf `values` (flattening order) in the buckets of `groups`.
 
         **Arguments:**
 
         - `values`: one value per leaf; members of a bucket must have equal structure,
             shapes and dtypes.
-        - `groups`: the buckets (a `_bucket.Groups`).
+        - `groups`: the buckets (a `_bucket.Groups`, with its padding); padding rows are
+            copies of the first member (at `init`: an identity preconditioner).
         - `treedef`: the params' tree structure.
+        - `owner`: see the field.
 
         **Returns:** a `LeafBuckets`.
         """
         grouped = {i for idx in groups.index for i in idx}
         loose = tuple(None if i in grouped else v for i, v in enumerate(values))
-        return cls(tuple(groups.stack(values)), loose,
-                   tuple(tuple(idx) for idx in groups.index), treedef)
+        pad = tuple(groups.pads) if any(groups.pads) else ()
+        return cls(tuple(groups.stack(values, pad_with="first")), loose,
+                   tuple(tuple(idx) for idx in groups.index), treedef, pad, owner)
 
     @property
     def groups(self) -> Groups:
         """The buckets as a `_bucket.Groups`."""
-        return Groups.from_index(len(self.loose), self.index)
+        return Groups.from_index(len(self.loose), self.index, self.pad or None)
 
     def with_stacks(self, stacks: Sequence[Any]) -> "LeafBuckets":
         """The same layout holding new per-bucket values."""
-        return LeafBuckets(tuple(stacks), self.loose, self.index, self.treedef)
+        return LeafBuckets(tuple(stacks), self.loose, self.index, self.treedef, self.pad,
+                           self.owner)
 
     def leaves(self) -> list[Any]:
         """Every leaf's value, in flattening order (slices of the stacks)."""
@@ -112,7 +126,7 @@ class LeafBuckets(eqx.Module):
         slicing anything (what input checks read)."""
         return LeafBuckets(jax.tree.map(_shape_of, self.stacks),
                            jax.tree.map(_shape_of, self.loose), self.index,
-                           self.treedef).leaves()
+                           self.treedef, self.pad, self.owner).leaves()
 
     def map_members(self, fn: Callable[[Any, int], Any],
                     merge: Callable[[list[Any]], Any]) -> "LeafBuckets":
@@ -125,7 +139,8 @@ class LeafBuckets(eqx.Module):
             per = [fn(views[i], i) for i in idx]
             stacks.append(per[0] if len(idx) == 1 else merge(per))
         loose = tuple(None if v is None else fn(v, i) for i, v in enumerate(self.loose))
-        return LeafBuckets(tuple(stacks), loose, self.index, self.treedef)
+        return LeafBuckets(tuple(stacks), loose, self.index, self.treedef, self.pad,
+                           self.owner)
 
 
 def as_layout(precond: Any, treedef) -> LeafBuckets:
@@ -135,6 +150,103 @@ def as_layout(precond: Any, treedef) -> LeafBuckets:
     if isinstance(precond, LeafBuckets):
         return precond
     return LeafBuckets((), tuple([None] * treedef.num_leaves), (), treedef)
+
+
+def owner_axes(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """The `owner_axes` option as a tuple of mesh axis names (or `None`)."""
+    if value is None:
+        return None
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def owner_size(axes: tuple[str, ...]) -> int:
+    """How many devices share a stack: the product of the `axes` of the mesh in context.
+
+    Raises `ValueError` when no mesh is set or it lacks one of the axes.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        raise ValueError(
+            f"`owner_axes={axes}` needs a mesh: call `init` and `update` under "
+            "`with jax.set_mesh(mesh):`."
+        )
+    missing = [a for a in axes if a not in mesh.shape]
+    if missing:
+        raise ValueError(f"`owner_axes` names {missing}, which the mesh in context "
+                         f"(axes {tuple(mesh.shape)}) does not have.")
+    return int(math.prod(mesh.shape[a] for a in axes))
+
+
+def pin_stacks(per_group: list[Any], groups: Groups, owner: tuple[str, ...] | None
+               ) -> list[Any]:
+    """Owner-computes sharding: every array of a stack (a group of two or more) sharded
+    along its stack axis over `owner`, the rest of it whole on its owner. XLA's SPMD
+    partitioner then moves each bucket's inputs to their owners with one all-to-all, and
+    the vmapped refit and apply run on the owned rows only. `owner=None`: unchanged."""
+    if owner is None:
+        return list(per_group)
+    spec = P(owner)
+    return [jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spec), v)
+            if groups.stacked(g) else v for g, v in enumerate(per_group)]
+
+
+def _packed(fields: list[Array | None]) -> list[list[int]]:
+    """Which of a leaf's arrays travel together: equal dtypes (they share the shape)."""
+    by_dtype: dict = {}
+    for f, x in enumerate(fields):
+        if x is not None:
+            by_dtype.setdefault(jnp.result_type(x), []).append(f)
+    return list(by_dtype.values())
+
+
+def stack_inputs(items: list, groups: Groups, owner: tuple[str, ...] | None) -> list[list]:
+    """Per-leaf tuples of inputs (gradient, momentum, ...) → one list per field of
+    per-group values (stacks for groups of two or more).
+
+    With owner-computes sharding, a leaf's inputs of one dtype are stacked together
+    before its bucket is stacked, so that each bucket reaches its owners with *one*
+    all-to-all (XLA moves each stacked array separately), then split apart there.
+    """
+    width = next((len(it) for it in items if it is not None), 0)
+    per_group = groups.stack(items) if owner is None else None
+    if owner is None:
+        return [list(c) for c in zip(*per_group)] or [[] for _ in range(width)]
+    cols: list[list] = [[None] * len(groups.index) for _ in range(width)]
+    for g, idx in enumerate(groups.index):
+        if not groups.stacked(g):
+            for f in range(width):
+                cols[f][g] = items[idx[0]][f]
+            continue
+        for fs in _packed(list(items[idx[0]])):
+            rows = [jnp.stack([items[i][f] for f in fs]) for i in idx]
+            rows += [jnp.zeros_like(rows[0])] * groups.pads[g]
+            stack = jax.lax.with_sharding_constraint(jnp.stack(rows), P(owner))
+            for j, f in enumerate(fs):
+                cols[f][g] = stack[:, j]
+    return cols
+
+
+def unstack_outputs(per_group: list[list], groups: Groups,
+                    owner: tuple[str, ...] | None) -> list[list]:
+    """The inverse of `stack_inputs` for outputs: one list of per-group values per field
+    → one list of per-leaf values per field (`None` for leaves in no group). With
+    owner-computes sharding a leaf's outputs of one dtype travel back together (one
+    all-to-all per bucket)."""
+    if owner is None:
+        return [groups.unstack(v) for v in per_group]
+    out: list[list] = [[None] * groups.n for _ in per_group]
+    for g, idx in enumerate(groups.index):
+        if not groups.stacked(g):
+            for f, v in enumerate(per_group):
+                out[f][idx[0]] = v[g]
+            continue
+        for fs in _packed([v[g] for v in per_group]):
+            stack = jnp.stack([per_group[f][g] for f in fs], axis=1)
+            stack = jax.lax.with_sharding_constraint(stack, P(owner))
+            for j, i in enumerate(idx):
+                for k, f in enumerate(fs):
+                    out[f][i] = stack[j, k]
+    return out
 
 
 def leaf_index(treedef, path: Any) -> int:

@@ -153,6 +153,16 @@ def one_of(*choices) -> Check:
     return check
 
 
+def mesh_axes(name, value) -> None:
+    """`None`, a mesh axis name, or a tuple of names."""
+    names = (value,) if isinstance(value, str) else value
+    if value is None or (isinstance(names, (tuple, list)) and names
+                         and all(isinstance(n, str) for n in names)):
+        return
+    raise ValueError(f"`{name}` must be None, a mesh axis name or a tuple of names; "
+                     f"got {value!r}.")
+
+
 def boolean(optional: bool = False) -> Check:
     def check(name, value):
         if value is None and optional:
@@ -396,6 +406,15 @@ TRANSFORM: tuple[Option, ...] = (
            "([`psgd_eqx.LeafBuckets`][]) and every leaf keeps its own keys. `\"auto\"` and "
            "`True` bucket (`\"auto\"` is kept for backward compatibility); `False` runs "
            "every leaf separately.", one_of(True, False, "auto")),
+    Option("owner_axes", None,
+           "`None` (default): *placement* sharding, every state array follows its "
+           "parameter's `PartitionSpec` and XLA decides the communication. A mesh axis "
+           "name or a tuple of names: *owner-computes* sharding over those axes of the mesh "
+           "set with `jax.set_mesh` (needed at `init` and `update`): each bucket's stack of "
+           "preconditioners is padded with inert members to a multiple of the axes' size "
+           "and sharded along the stack, so each device refits and applies only the "
+           "members it owns, with one all-to-all in and one out per bucket (see the "
+           "*Scaling up* guide).", mesh_axes, static=True),
 )
 
 _BY_NAME = {o.name: o for o in TRANSFORM}
@@ -517,6 +536,7 @@ KRON: tuple[Option, ...] = (
            "one `PartitionSpec` for every dense factor (distributed_kron's option); "
            "`None` = inferred per factor."),
     _t("bucket_leaves"),
+    _t("owner_axes"),
     Option("use_kernels", "auto",
            "Pallas kernels for the `EQ` factor update (the only op dispatched so far): "
            "`\"auto\"` (on GPU where measured faster than XLA), `True` (on GPU/TPU "

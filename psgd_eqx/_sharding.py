@@ -481,7 +481,14 @@ def _state_context(params, pspecs, mesh, preconditioner_partition_spec) -> _Stat
         # stack axis replicated: every device holds every member's slice).
         if not isinstance(layout, LeafBuckets):
             return layout  # a params tree without leaves: nothing to place
-        return layout.map_members(one, stack_specs)
+        specs = layout.map_members(one, stack_specs)
+        if layout.owner is None:
+            return specs
+        # owner-computes: a stack is sharded along its (padded) stack axis, each member
+        # whole on its owner; a bucket of one keeps its placement
+        owned = [jax.tree.map(lambda _: P(layout.owner), stack) if len(idx) > 1 else spec
+                 for stack, spec, idx in zip(layout.stacks, specs.stacks, layout.index)]
+        return specs.with_stacks(owned)
 
     return _StateContext(like_params, precond)
 

@@ -35,7 +35,7 @@ from ._apply import apply_leaf, clip
 from ._bucket import Groups
 from ._fit import FitSettings, refit_groups
 from ._init_scale import grad_stats, log_sum_abs2, scale_from_grad_stats, scale_from_hvp_logs
-from ._layout import as_layout
+from ._layout import as_layout, pin_stacks, stack_inputs, unstack_outputs
 from ._numerics import tree_all_finite
 from ._options import Options
 from ._precond.stacked import StackedQ
@@ -56,10 +56,6 @@ def _map_q(groups: Groups, fn: Callable, qs: list, *args: list) -> list:
     return out
 
 
-def _ravel(values: list[Array]) -> Array:
-    return jnp.concatenate([jnp.ravel(v) for v in values])
-
-
 def _leaf_grad_stats(q, g: Array):
     # A scanned stack counts as its layers: one statistic per layer, as separate leaves.
     if isinstance(q, StackedQ):
@@ -69,23 +65,31 @@ def _leaf_grad_stats(q, g: Array):
 
 def _first_step_scale(o: Options, groups: Groups, newton: bool, qs: list, grads: list,
                       vectors: list, inputs: list, finite: Bool[Array, ""]):
-    """The data-driven init scale from every (non-empty) leaf, one stat per leaf."""
+    """The data-driven init scale from every (non-empty) leaf, one stat per leaf.
+
+    The scale needs only the max (whitening) or the log-sum-exp (Newton) of the per-leaf
+    statistics, so each group reduces its own first and only one number per group is
+    combined: no per-leaf values are gathered across devices. The zero rows that pad an
+    owner-computes stack give −inf and "all zero": neutral in both reductions.
+    """
     live = [g for g, x in enumerate(grads) if x.size > 0]  # empty leaves have no stats
     if not live:
         return jnp.ones((), jnp.float32)
 
-    def per_leaf(fn, *args):
-        return [jax.vmap(fn)(*(a[g] for a in args)) if groups.stacked(g)
-                else fn(*(a[g] for a in args)) for g in live]
+    def per_group(fn, reduce, *args):
+        return jnp.stack([reduce(jax.vmap(fn)(*(a[g] for a in args))) if groups.stacked(g)
+                          else reduce(fn(*(a[g] for a in args))) for g in live])
 
     if newton:
-        v_logs, h_logs = per_leaf(log_sum_abs2, vectors), per_leaf(log_sum_abs2, inputs)
+        lse = jax.scipy.special.logsumexp
+        v_logs = per_group(log_sum_abs2, lse, vectors)
+        h_logs = per_group(log_sum_abs2, lse, inputs)
         ok = tree_all_finite([vectors[g] for g in live]) & tree_all_finite(
             [inputs[g] for g in live])
-        return scale_from_hvp_logs(_ravel(v_logs), _ravel(h_logs), ok)
-    logs, nonzero = zip(*per_leaf(_leaf_grad_stats, qs, grads))
-    return scale_from_grad_stats(_ravel(list(logs)), _ravel(list(nonzero)), finite,
-                                 o.damping)
+        return scale_from_hvp_logs(v_logs, h_logs, ok)
+    logs = per_group(lambda q, g: _leaf_grad_stats(q, g)[0], jnp.max, qs, grads)
+    nonzero = per_group(lambda q, g: _leaf_grad_stats(q, g)[1], jnp.any, qs, grads)
+    return scale_from_grad_stats(logs, nonzero, finite, o.damping)
 
 
 def _momentum_all(o: Options, groups: Groups, count, finite, key, mu: list, grads: list):
@@ -111,22 +115,23 @@ def _global_pair(groups: Groups, members: list[int], inputs: list, vectors: list
 
 
 def _apply_all(o: Options, groups: Groups, members: list[int], preconds, m_hat: list):
-    """clip(P·m) per leaf: per group (vmapped over a stack), and the global group's one
-    preconditioner over its members' concatenated momenta."""
+    """clip(P·m): per group (vmapped over a stack; `None` for the global group's
+    members), and `{leaf index: update}` of the global group's one preconditioner over
+    its members' concatenated momenta."""
     qs, gq = preconds
 
     def one(q, m):
         return None if _global.is_slot(q) else apply_leaf(
             q, m, o.grad_clip_max_amp, o.grad_clip_max_element)
 
-    out = groups.unstack(groups.map(one, qs, m_hat))
+    glob = {}
     if members:
         like = groups.unstack(m_hat, only=members)
         like = [like[i] for i in members]
         flat = gq.apply(_global.concat(like))
         for i, u in zip(members, _global.split(flat, like)):
-            out[i] = clip(u, o.grad_clip_max_amp, o.grad_clip_max_element)
-    return out
+            glob[i] = clip(u, o.grad_clip_max_amp, o.grad_clip_max_element)
+    return groups.map(one, qs, m_hat), glob
 
 
 def step(
@@ -153,7 +158,10 @@ def step(
     # The buckets were fixed at `init` and the preconditioners are stored stacked
     # (`_layout.py`): only the other inputs are stacked here.
     layout = as_layout(state.precond, treedef)
-    groups = layout.groups.index_at_runtime(state.count)
+    owner = layout.owner
+    # Owner-computes stacks are sharded along the stack axis: there the members' slices
+    # stay static (a dynamic index into a sharded axis would gather the whole stack).
+    groups = layout.groups if owner else layout.groups.index_at_runtime(state.count)
     members = _global.members(layout.shapes())
     accum = state.fit_accum if not newton else None
     old_mu, old_sums = per_leaf(state.mu), per_leaf(None if accum is None else accum[0])
@@ -163,9 +171,8 @@ def step(
     inert = [i not in grouped for i in range(n)]
     items = [None if dead else item for dead, item in zip(inert, zip(
         g_leaves, old_mu, per_leaf(hvp), per_leaf(vector), old_sums))]
-    columns = list(zip(*groups.stack(items))) or [()] * 5
-    grads_g, mu, hvps, vectors, sums = (list(x) for x in columns)
-    qs = list(layout.stacks)
+    grads_g, mu, hvps, vectors, sums = stack_inputs(items, groups, owner) or [[]] * 5
+    qs = pin_stacks(list(layout.stacks), groups, owner)
     gq = state.global_precond if members else None
     count, finite = state.count, tree_all_finite(grads_g)
     key, k_refit, k_draw, k_round = jax.random.split(state.key, 4)
@@ -229,14 +236,20 @@ def step(
     if accum is not None:
         sums, n_acc = restart_after_refit(sums, n_acc, do_refit)
         fit_accum = (merged(sums, old_sums), n_acc)
+    # the updates (and new momenta) per leaf: one all-to-all back per owned bucket
+    (out_g, glob), with_mu = out, state.mu is not None
+    per_leaf_out = unstack_outputs([out_g, *([mu] if with_mu else [])], groups, owner)
+    out = [glob.get(i, u) for i, u in enumerate(per_leaf_out[0])]
     out = [(g if g.dtype == jax.dtypes.float0 else jnp.zeros_like(g)) if dead else u
            for dead, g, u in zip(inert, g_leaves, out)]
+    new_mu = None if not with_mu else jax.tree.unflatten(treedef, [
+        o_ if dead else m for dead, m, o_ in zip(inert, per_leaf_out[1], old_mu)])
     new_state = dataclasses.replace(
         state,
         count=optax.safe_increment(count),
         key=key,
-        mu=None if state.mu is None else merged(mu, old_mu),
-        precond=layout.with_stacks(qs),
+        mu=new_mu,
+        precond=layout.with_stacks(pin_stacks(qs, groups, owner)),
         refit_accumulator=acc,
         refits=state.refits + do_refit.astype(jnp.int32),
         global_precond=gq if members else state.global_precond,

@@ -21,7 +21,7 @@ from ._bucket import Groups
 from ._build import as_leaf_array, build_preconds
 from ._eager import eager_cached
 from ._global import GLOBAL as GLOBAL, GlobalSlot
-from ._layout import LeafBuckets, as_layout, leaf_index
+from ._layout import LeafBuckets, as_layout, leaf_index, owner_axes, owner_size
 from ._misc import as_key, concrete
 from ._momentum import init_momentum
 from ._norms import Normaliser
@@ -122,8 +122,11 @@ def _bucketed(params: PyTree, precond: PyTree, o: Options) -> LeafBuckets | PyTr
     q_leaves = treedef.flatten_up_to(precond)
     items = [(q, p) if jnp.issubdtype(p.dtype, jnp.inexact) else None
              for q, p in zip(q_leaves, p_leaves)]
-    return LeafBuckets.build(q_leaves, Groups(items, enabled=o.bucket_leaves is not False),
-                             treedef)
+    groups = Groups(items, enabled=o.bucket_leaves is not False)
+    owner = owner_axes(o.owner_axes)
+    if owner is not None:
+        groups = groups.padded_to(owner_size(owner))
+    return LeafBuckets.build(q_leaves, groups, treedef, owner)
 
 
 _STRUCTURE = (

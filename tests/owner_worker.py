@@ -1,0 +1,181 @@
+"""Owner-computes sharding on 1, 2, 4 and 8 simulated CPU devices, in a fresh process.
+
+`tests/test_owner.py` runs it with `--xla_force_host_platform_device_count=8` and reads
+the JSON it prints: per mesh size, the largest relative difference of the params and of
+the per-leaf preconditioners from the single-device optimizer after `STEPS` training
+steps; and, for 8 devices, what one compiled `update` costs in both sharding modes
+(collectives in the optimized HLO, per-device FLOPs from `cost_analysis()`,
+preconditioner bytes per device). Run by hand:
+`XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/owner_worker.py`.
+"""
+
+import json
+import os
+import re
+import sys
+
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    )
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
+
+import psgd_eqx  # noqa: E402
+
+
+STEPS = 5
+LAYERS = 3  # 3 members per bucket: padded to 4 on 2 and 4 devices, to 8 on 8
+
+
+def make_params(key):
+    ks = jax.random.split(key, 3 * LAYERS + 3)
+    layers = [{
+        "w_in": 0.3 * jax.random.normal(ks[3 * i], (16, 32)),
+        "w_out": 0.2 * jax.random.normal(ks[3 * i + 1], (32, 16)),
+        "b": 0.1 * jax.random.normal(ks[3 * i + 2], (32,)),
+    } for i in range(LAYERS)]
+    return {
+        "layers": layers,
+        "scan": 0.3 * jax.random.normal(ks[-3], (2, 16, 16)),  # scanned: a StackedQ
+        "emb": 0.3 * jax.random.normal(ks[-2], (40, 16)),  # a blocked axis: a BlockedQ
+        "head": 0.3 * jax.random.normal(ks[-1], (16, 8)),  # in no bucket (one of a kind)
+    }
+
+
+def loss_fn(params, x):
+    h = x @ params["emb"].T @ params["emb"]
+    for lp in params["layers"]:
+        h = h + jnp.tanh(h @ lp["w_in"] + lp["b"]) @ lp["w_out"]
+    h = h + jnp.tanh(h @ params["scan"][0]) @ params["scan"][1]
+    return jnp.mean(jnp.square(h @ params["head"] - 0.5))
+
+
+def kron_kwargs():
+    # skew inf with a small max size: dense factors, diagonal ones (the biases) and a
+    # 40-axis cut into blocks of ≤ 16
+    return dict(learning_rate=3e-2, max_skew_triangular=float("inf"), max_size_triangular=24,
+                partition_grads_into_blocks=True, block_size=16,
+                scanned_layers=lambda path, leaf: "scan" in jax.tree_util.keystr(path))
+
+
+def fsdp_specs(params, n):
+    def spec(path, x):
+        first = 1 if "scan" in jax.tree_util.keystr(path) else 0
+        axes = [i for i in range(first, x.ndim) if x.shape[i] % n == 0]
+        if not axes:
+            return P()
+        best = max(axes, key=lambda i: x.shape[i])
+        return P(*[("fsdp" if i == best else None) for i in range(x.ndim)])
+
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def shardings(mesh, specs):
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def setup(params, n, owner):
+    mesh = jax.make_mesh((n,), ("fsdp",), axis_types=(AxisType.Auto,),
+                         devices=jax.devices()[:n])
+    pspecs = fsdp_specs(params, n)
+    kw = dict(kron_kwargs(), params_partition_specs=pspecs)
+    if owner:
+        kw["owner_axes"] = "fsdp"
+    opt = psgd_eqx.kron(**kw)
+    p_sh = shardings(mesh, pspecs)
+    s_sh = shardings(mesh, psgd_eqx.get_opt_state_partition_specs(params, mesh=mesh, **kw))
+    with jax.set_mesh(mesh):
+        state = jax.jit(opt.init, out_shardings=s_sh)(jax.device_put(params, p_sh))
+    return mesh, opt, p_sh, s_sh, state
+
+
+def train(params, x, n=None, owner=False):
+    if n is None:
+        opt = psgd_eqx.kron(**kron_kwargs())
+        state, mesh = opt.init(params), None
+        step_fn = jax.jit(lambda p, s: _step(opt, p, s, x))
+    else:
+        mesh, opt, p_sh, s_sh, state = setup(params, n, owner)
+        params = jax.device_put(params, p_sh)
+        step_fn = jax.jit(lambda p, s: _step(opt, p, s, x), in_shardings=(p_sh, s_sh),
+                          out_shardings=(p_sh, s_sh))
+    with jax.set_mesh(mesh) if mesh is not None else _Null():
+        for _ in range(STEPS):
+            params, state = step_fn(params, state)
+    return params, state
+
+
+def _step(opt, p, s, x):
+    g = jax.grad(loss_fn)(p, x)
+    u, s = opt.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def rel_diff(a, b):
+    out = 0.0
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        out = max(out, float(np.max(np.abs(x - y)) / (np.max(np.abs(y)) + 1e-30)))
+    return out
+
+
+def collectives(hlo: str) -> dict:
+    kinds = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+    return {k: len(re.findall(rf"\b{k}(?:-start)?\(", hlo)) for k in kinds}
+
+
+def update_costs(params, n, owner):
+    """One compiled `update` (gradients given): collectives, FLOPs, precond bytes/device."""
+    mesh, opt, p_sh, s_sh, state = setup(params, n, owner)
+    grads = jax.device_put(jax.tree.map(lambda p: 0.01 * jnp.cos(3.0 * p), params), p_sh)
+    fn = jax.jit(opt.update, in_shardings=(p_sh, s_sh, p_sh), out_shardings=(p_sh, s_sh))
+    with jax.set_mesh(mesh):
+        compiled = fn.lower(grads, state, jax.device_put(params, p_sh)).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    per_device: dict = {}
+    for leaf in jax.tree.leaves(state[0].precond):
+        for shard in leaf.addressable_shards:
+            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+    return {"collectives": collectives(compiled.as_text()), "flops": float(cost["flops"]),
+            "precond_bytes_per_device": max(per_device.values()),
+            "buckets": sum(len(idx) > 1 for idx in state[0].precond.index),
+            "stack_pad": list(state[0].precond.pad)}
+
+
+def main():
+    params = make_params(jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, 16))
+    ref_p, ref_s = train(params, x)
+    out = {"devices": len(jax.devices()), "equal": {}}
+    for n in (1, 2, 4, 8):
+        p, s = train(params, x, n, owner=True)
+        out["equal"][n] = {"params": rel_diff(p, ref_p),
+                           "preconditioners": rel_diff(s[0].preconditioners(),
+                                                       ref_s[0].preconditioners()),
+                           "count": int(s[0].count)}
+    single = update_costs(params, 1, owner=False)
+    out["single_flops"] = single["flops"]
+    out["single_precond_bytes"] = single["precond_bytes_per_device"]
+    for mode in ("placement", "owner"):
+        out[mode] = update_costs(params, 8, owner=mode == "owner")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
