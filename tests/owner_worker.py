@@ -33,6 +33,15 @@ STEPS = 5
 LAYERS = 3  # 3 members per bucket: padded to 4 on 2 and 4 devices, to 8 on 8
 
 
+def make_layers(key, n, d=16):
+    ks = jax.random.split(key, 3 * n)
+    return [{
+        "w_in": 0.3 * jax.random.normal(ks[3 * i], (d, 2 * d)),
+        "w_out": 0.2 * jax.random.normal(ks[3 * i + 1], (2 * d, d)),
+        "b": 0.1 * jax.random.normal(ks[3 * i + 2], (2 * d,)),
+    } for i in range(n)]
+
+
 def make_params(key):
     ks = jax.random.split(key, 3 * LAYERS + 3)
     layers = [{
@@ -169,9 +178,13 @@ def main():
                            "preconditioners": rel_diff(s[0].preconditioners(),
                                                        ref_s[0].preconditioners()),
                            "count": int(s[0].count)}
+    # the costs on a tree of buckets only, each of 8 members (no padding on 8 devices),
+    # with matrices large enough that the factor work outweighs the per-step scalars
+    params = {"layers": make_layers(jax.random.PRNGKey(2), 8, d=128)}
     single = update_costs(params, 1, owner=False)
     out["single_flops"] = single["flops"]
     out["single_precond_bytes"] = single["precond_bytes_per_device"]
+    out["single_collectives"] = single["collectives"]
     for mode in ("placement", "owner"):
         out[mode] = update_costs(params, 8, owner=mode == "owner")
     print(json.dumps(out))

@@ -1,0 +1,88 @@
+"""Owner-computes sharding (`owner_axes`): the layout at `init` (cheap, in process) and,
+in a subprocess with 8 simulated CPU devices, equality with one device on 1, 2, 4 and 8
+devices plus what one `update` costs in both modes (`tests/owner_worker.py`)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
+
+import psgd_eqx
+
+
+def _params(layers=3):
+    return {"layers": [{"w": jnp.ones((8, 4)), "b": jnp.ones((4,))} for _ in range(layers)],
+            "head": jnp.ones((4, 2))}
+
+
+def _mesh(n):
+    return AbstractMesh((n,), ("fsdp",), axis_types=(AxisType.Auto,))
+
+
+def test_owner_layout_pads_stacks_and_shards_them():
+    params = _params()
+    opt = psgd_eqx.kron(1e-3, owner_axes="fsdp", max_skew_triangular=float("inf"))
+    with jax.sharding.use_abstract_mesh(_mesh(4)):
+        st = opt.init(params)[0]
+    layout = st.precond
+    assert layout.owner == ("fsdp",)
+    sizes = {len(idx): pad for idx, pad in zip(layout.index, layout.pad)}
+    assert sizes == {1: 0, 3: 1}  # 3 members padded to 4; the head (one of a kind) is not
+    for idx, stack in zip(layout.index, layout.stacks):
+        rows = {x.shape[0] for x in jax.tree.leaves(stack)}
+        assert rows == ({4} if len(idx) == 3 else rows)
+    # the per-leaf view has the real members only, the padding is an identity copy
+    w = st.preconditioners()["layers"][2]["w"]
+    assert w.factors[0].shape == (8, 8)
+    g = [i for i, idx in enumerate(layout.index) if len(idx) == 3 and
+         layout.stacks[i].shape == (8, 4)][0]
+    pad_row = jax.tree.map(lambda x: x[3], layout.stacks[g])
+    assert jax.tree.all(jax.tree.map(jnp.array_equal, pad_row,
+                                     jax.tree.map(lambda x: x[0], layout.stacks[g])))
+    specs = psgd_eqx.get_opt_state_partition_specs(
+        params, mesh=_mesh(4), owner_axes="fsdp", max_skew_triangular=float("inf"))[0]
+    assert specs.precond.stacks[g].factors == (P("fsdp"), P("fsdp"))
+    # a bucket of one keeps its placement (replicated here: no params specs given)
+    h = [i for i, idx in enumerate(layout.index) if len(idx) == 1][0]
+    assert specs.precond.stacks[h].factors == (P(), P())
+
+
+def test_owner_axes_errors_name_the_problem():
+    with pytest.raises(ValueError, match="jax.set_mesh"):
+        psgd_eqx.kron(1e-3, owner_axes="fsdp").init(_params())
+    with pytest.raises(ValueError, match="'tp'"):
+        with jax.sharding.use_abstract_mesh(_mesh(2)):
+            psgd_eqx.kron(1e-3, owner_axes=("fsdp", "tp")).init(_params())
+    with pytest.raises(ValueError, match="owner_axes"):
+        psgd_eqx.kron(1e-3, owner_axes=3)
+
+
+@pytest.mark.slow
+def test_owner_computes_on_1_2_4_8_devices_equals_one_device():
+    worker = pathlib.Path(__file__).with_name("owner_worker.py")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    res = subprocess.run([sys.executable, str(worker)], capture_output=True, text=True,
+                         env=env, timeout=1800)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 8
+    for n, d in out["equal"].items():
+        assert d["count"] == 5, n
+        assert d["params"] < 2e-5 and d["preconditioners"] < 2e-5, (n, d)
+    owner, placement = out["owner"], out["placement"]
+    buckets = owner["buckets"]
+    assert buckets == 3
+    # one all-to-all in and one out per bucket, plus a few all-reduces (finite checks)
+    assert sum(owner["collectives"].values()) <= 2 * buckets + 4, owner
+    assert owner["collectives"]["all-to-all"] == 2 * buckets, owner
+    assert owner["collectives"]["all-gather"] == 0, owner
+    assert placement["flops"] > 0
+    # every bucket has 8 members on 8 devices: each device does an eighth of the work
+    assert owner["flops"] <= 1.1 * out["single_flops"] / 8, (owner, out["single_flops"])
+    assert owner["precond_bytes_per_device"] <= 1.01 * out["single_precond_bytes"] / 8
