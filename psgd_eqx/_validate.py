@@ -1,12 +1,13 @@
 """Checks of what `update` is given, before anything is traced: a mismatch is reported
 with the parameter path it concerns.
 
-The state records the params' tree three ways: `precond` (one entry per leaf: a
-preconditioner, a `GlobalSlot` or `None`), the momentum `mu` and the fit accumulator
-(arrays like the params, when kept). The gradients (and the Newton pair) must have that
-tree: on a mismatch the first differing path is named, with what each side has there; then
-every leaf must have its parameter's shape, and a leaf with a preconditioner a floating
-dtype. A `None` gradient is accepted only where the params had `None` (as `optax.adam`,
+The state records the params' tree three ways: `precond` (stored per bucket; its per-leaf
+view has one entry per leaf: a preconditioner, a `GlobalSlot` or `None`), the momentum
+`mu` and the fit accumulator (arrays like the params, when kept). The gradients (and the
+Newton pair) must have that tree: on a mismatch the first differing path is named, with
+what each side has there; then every leaf must have its parameter's shape, a leaf with a
+preconditioner a floating dtype, and the leaves of one bucket one dtype (their inputs
+are stacked). A `None` gradient is accepted only where the params had `None` (as `optax.adam`,
 which rejects it elsewhere): filter the params given to `init` instead, e.g. with
 `eqx.filter(model, eqx.is_inexact_array)`.
 """
