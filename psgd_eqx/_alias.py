@@ -44,7 +44,7 @@ from ._weight_decay import with_lr_and_decay
 _RENAMED = {"precond_lr": "preconditioner_lr", "precond_init_scale": "preconditioner_init_scale",
             "seed": "key"}
 # psgd_jax options we implement differently: accepted at their psgd_jax default only.
-_FIXED_LEGACY = {"step_normalizer_order": "2nd", "precision": "tensorfloat32", "nesterov": False}
+_FIXED_LEGACY = {"step_normalizer_order": "2nd", "precision": "tensorfloat32"}
 _TRANSFORM_DEFAULTS = {o.name: o.default for o in TRANSFORM}
 _TRANSFORM_CHECKS = {o.name: o.check for o in TRANSFORM}
 
@@ -79,6 +79,8 @@ def _legacy_kwargs(kwargs: dict) -> dict:
             if new in out and not _is_default(new, out[new]):
                 raise ValueError(f"pass only one of `{old}` and `{new}`.")
             out[new] = value
+    if out.get("nesterov", False) is None:  # psgd_jax's default
+        out["nesterov"] = False
     for name, ok in _FIXED_LEGACY.items():
         if name in out:
             value = out.pop(name)
@@ -120,7 +122,14 @@ _LEGACY = tuple(
 ) + tuple(
     Option(n, None, f"psgd_jax's option, accepted only at its default {v!r}.")
     for n, v in _FIXED_LEGACY.items()
-) + (Option("mask", None, "psgd_jax's name for `weight_decay_mask`."),)
+) + (
+    # psgd_jax's slot for it (default None = off), so its signature is unchanged
+    Option("nesterov", None, "Nesterov momentum (`None` or `False`: off), as psgd_jax's "
+           "option; see [`psgd_eqx.scale_by_psgd`][].", boolean(optional=True)),
+    Option("mask", None, "psgd_jax's name for `weight_decay_mask`."),
+)
+# the aliases take `nesterov` in psgd_jax's slot (in `_LEGACY`), not in the transform's
+_ALIAS_TRANSFORM = tuple(t for t in TRANSFORM if t.name != "nesterov")
 _PSGD_LEADING = (
     inspect.Parameter("learning_rate", inspect.Parameter.POSITIONAL_OR_KEYWORD,
                       annotation=optax.ScalarOrSchedule),
@@ -129,7 +138,7 @@ _PSGD_LEADING = (
 )
 
 
-@takes((*_PSGD_OPTIONS, *TRANSFORM, *_LEGACY), leading=_PSGD_LEADING)
+@takes((*_PSGD_OPTIONS, *_ALIAS_TRANSFORM, *_LEGACY), leading=_PSGD_LEADING)
 @eager_cached
 def psgd(o: Options) -> optax.GradientTransformationExtraArgs:
     """The generic PSGD optimizer: your own preconditioner structure per leaf.
@@ -196,7 +205,8 @@ def _alias(own: Sequence[Option], lr: float, clip: dict, legacy: Sequence[Option
     scale_by_psgd's options with `clip` defaults, legacy names)`."""
     lr_param = inspect.Parameter("learning_rate", inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                  default=lr, annotation=optax.ScalarOrSchedule)
-    options = (*own, *_PSGD_OPTIONS, *replace_defaults(TRANSFORM, **clip), *_LEGACY, *legacy)
+    options = (*own, *_PSGD_OPTIONS, *replace_defaults(_ALIAS_TRANSFORM, **clip), *_LEGACY,
+               *legacy)
     return takes(options, leading=(lr_param,))
 
 
@@ -212,7 +222,7 @@ def _build(o: Options, make: Callable, per_leaf: bool) -> optax.GradientTransfor
     def global_structure(n, dtype):
         return make((n,), storage_dtype(dtype, o.precond_dtype), None)
 
-    passed = names((*_PSGD_OPTIONS, *TRANSFORM, *_LEGACY))
+    passed = names((*_PSGD_OPTIONS, *_ALIAS_TRANSFORM, *_LEGACY))
     return psgd(o.learning_rate, structure, global_structure=global_structure,
                 **{k: o[k] for k in passed})
 

@@ -37,22 +37,24 @@ def _buffer_dtype(param_dtype, mu_dtype):
 
 
 def coefficients(count: Int[Array, ""], b1: ArrayLike, warmup: bool
-                 ) -> tuple[Float[Array, ""], Float[Array, ""]]:
-    """`(β, debias)` of this step (f32): the EMA factor and the bias correction 1 − βᵗ⁺¹.
+                 ) -> tuple[Float[Array, ""], Float[Array, ""], Float[Array, ""]]:
+    """`(β, debias, debias_next)` of this step (f32): the EMA factor, the bias correction
+    1 − βᵗ⁺¹ and the next step's 1 − βᵗ⁺² (Nesterov's look-ahead uses it).
 
     **Arguments:**
 
     - `count`: the step count before this step.
     - `b1`, `warmup`: see [`psgd_eqx.scale_by_psgd`][].
 
-    **Returns:** two f32 scalars (debias is 1 with the reference's warm-up).
+    **Returns:** three f32 scalars (both corrections are 1 with the reference's warm-up).
     """
     t = count.astype(jnp.float32)
     if warmup:
         beta = jnp.minimum(t / (t + 1.0), jnp.asarray(b1).astype(jnp.float32))
-        return beta, jnp.ones([], jnp.float32)
+        one = jnp.ones([], jnp.float32)
+        return beta, one, one
     beta = jnp.asarray(b1).astype(jnp.float32)
-    return beta, 1.0 - beta ** (t + 1.0)
+    return beta, 1.0 - beta ** (t + 1.0), 1.0 - beta ** (t + 2.0)
 
 
 def step(
@@ -65,6 +67,7 @@ def step(
     finite: Bool[Array, ""],
     key: PRNGKeyArray,
     stochastic_rounding: bool,
+    debias_next: Float[Array, ""] | None = None,
 ) -> tuple[Array, Array]:
     """One EMA step of one leaf.
 
@@ -73,7 +76,8 @@ def step(
     - `m`, `g`: the leaf's buffer and gradient.
     - `index`: the leaf's position in flattening order (folded into `key`, so every leaf
         rounds with its own bits, bucketed or not).
-    - `beta`, `debias`: from [`coefficients`][].
+    - `beta`, `debias`, `debias_next`: from [`coefficients`][]; with `debias_next`
+        the momentum returned is Nesterov's β·mₜ/(1 − βᵗ⁺²) + (1 − β)·g/(1 − βᵗ⁺¹).
     - `finite`: whether every gradient is finite (else the buffer is kept).
     - `key`: randomness for stochastic rounding of a bf16 buffer.
     - `stochastic_rounding`: see [`psgd_eqx.scale_by_psgd`][].
@@ -86,4 +90,9 @@ def step(
     written = nm.astype(m.dtype)
     if stochastic_rounding and jnp.dtype(m.dtype) == jnp.dtype(jnp.bfloat16):
         written = stochastic_round(nm, m.dtype, _rng.fold_in(key, index))
-    return jnp.where(finite, written, m), (nm / debias.astype(cd)).astype(g.dtype)
+    if debias_next is None:
+        m_hat = nm / debias.astype(cd)
+    else:
+        b = beta.astype(cd)
+        m_hat = b * nm / debias_next.astype(cd) + (1.0 - b) * g.astype(cd) / debias.astype(cd)
+    return jnp.where(finite, written, m), m_hat.astype(g.dtype)

@@ -340,6 +340,11 @@ TRANSFORM: tuple[Option, ...] = (
     Option("momentum_warmup", False,
            "`False` (default): bias-corrected EMA m/(1 − b1ᵗ) as optax; `True`: the "
            "reference's EMA with βₜ = min(t/(t+1), b1) and no correction.", boolean()),
+    Option("nesterov", False,
+           "Nesterov momentum: precondition b1·m̂ₜ₊₁ + (1 − b1)·ĝₜ (each bias-corrected, "
+           "as `optax.adam(nesterov=True)`) instead of m̂ₜ; a look-ahead that usually "
+           "damps oscillations. With `whiten_grad=False` the fit sees the same vector.",
+           boolean()),
     Option("whiten_grad", True,
            "fit P on the raw gradient (`True`, the reference's default: P·m then shrinks as "
            "gradients vanish) or on the momentum (`False`: a scale-free, sign-like update; "
@@ -443,6 +448,7 @@ KRON: tuple[Option, ...] = (
            "update has roughly Adam's scale).", at_least_zero,
            annotation=optax.ScalarOrSchedule),
     _t("b1"),
+    _t("nesterov"),
     Option("weight_decay", 0.0, "decoupled (lr-scaled) weight decay, ≥ 0, as `optax.adamw`.",
            at_least_zero),
     Option("weight_decay_mask", None, "a pytree of bools or a callable, as in `optax.adamw`."),

@@ -94,11 +94,12 @@ def _first_step_scale(o: Options, groups: Groups, newton: bool, qs: list, grads:
 
 def _momentum_all(o: Options, groups: Groups, count, finite, key, mu: list, grads: list):
     """Every group's EMA step: `(new buffers, debiased momenta)`, per group."""
-    beta, debias = _momentum.coefficients(count, o.b1, o.momentum_warmup)
+    beta, debias, debias_next = _momentum.coefficients(count, o.b1, o.momentum_warmup)
 
     def one(m, g, i):
         return _momentum.step(m, g, i, beta=beta, debias=debias, finite=finite, key=key,
-                              stochastic_rounding=o.stochastic_rounding)
+                              stochastic_rounding=o.stochastic_rounding,
+                              debias_next=debias_next if o.nesterov else None)
 
     new_mu, m_hat = zip(*groups.map(one, mu, grads, groups.indices()))
     return list(new_mu), list(m_hat)
