@@ -1,8 +1,9 @@
 """Precondition and clip: the update of every leaf is clip(P·m).
 
-The clip is per tensor (per layer of a scanned stack): first an RMS ceiling, then an
-element-wise bound (a magnitude bound for complex updates). Leaves without a
-preconditioner get the clipped momentum.
+The clip is per tensor (per layer of a scanned stack), in one of two styles:
+`"rms_element"` (default): first an RMS ceiling, then an element-wise bound (a magnitude
+bound for complex updates); `"soft"`: HeavyBall's smooth, sign-preserving trust region,
+element-wise. Leaves without a preconditioner get the clipped momentum.
 """
 
 import jax
@@ -13,11 +14,33 @@ from ._numerics import abs2, safe_rms
 from ._precond.stacked import StackedQ
 
 
-def clip(u: Array, max_rms: ArrayLike | None, max_element: ArrayLike | None) -> Array:
+CLIP_STYLES = ("rms_element", "soft")
+# HeavyBall's trust region: s·((1 − λ)·sign(x)·log1p(|x|/s) + λ·tanh(x/s)), clamped to ±2
+_SOFT_SCALE, _SOFT_LERP, _SOFT_BOUND = 1.5, 0.9, 2.0
+
+
+def soft_clip(u: Array) -> Array:
+    """HeavyBall's soft trust-region clip, element-wise: ≈ uᵢ near 0 (slope 1), growing
+    like a logarithm beyond ≈ 1, never past ±2, signs kept; on the magnitude of a
+    complex element."""
+    if jnp.issubdtype(u.dtype, jnp.complexfloating):
+        mag = jnp.sqrt(abs2(u))
+        safe = jnp.where(mag > 0, mag, 1.0)
+        return u * (soft_clip(mag) / safe).astype(u.dtype)
+    x = u.astype(jnp.promote_types(u.dtype, jnp.float32)) / _SOFT_SCALE
+    y = (1.0 - _SOFT_LERP) * jnp.sign(x) * jnp.log1p(jnp.abs(x)) + _SOFT_LERP * jnp.tanh(x)
+    return jnp.clip(_SOFT_SCALE * y, -_SOFT_BOUND, _SOFT_BOUND).astype(u.dtype)
+
+
+def clip(u: Array, max_rms: ArrayLike | None, max_element: ArrayLike | None,
+         style: str = "rms_element") -> Array:
     """`u` scaled down to RMS ≤ `max_rms`, then clipped to |uᵢ| ≤ `max_element`
-    (`None` skips a bound)."""
+    (`None` skips a bound); with `style="soft"`, [`soft_clip`][] instead (the two
+    bounds are not used)."""
     if u.size == 0:
         return u
+    if style == "soft":
+        return soft_clip(u)
     if max_rms is not None:
         rms = safe_rms(u)
         target = jnp.asarray(max_rms).astype(rms.dtype)
@@ -34,16 +57,16 @@ def clip(u: Array, max_rms: ArrayLike | None, max_element: ArrayLike | None) -> 
     return u
 
 
-def clip_leaf(q, u: Array, max_rms: ArrayLike | None, max_element: ArrayLike | None
-              ) -> Array:
+def clip_leaf(q, u: Array, max_rms: ArrayLike | None, max_element: ArrayLike | None,
+              style: str = "rms_element") -> Array:
     """`clip` of one leaf's update; a scanned stack ([`psgd_eqx.StackedQ`][]) is clipped
     layer by layer, so one layer's gradient never changes another layer's update."""
     if isinstance(q, StackedQ):
-        return jax.vmap(lambda x: clip(x, max_rms, max_element))(u)
-    return clip(u, max_rms, max_element)
+        return jax.vmap(lambda x: clip(x, max_rms, max_element, style))(u)
+    return clip(u, max_rms, max_element, style)
 
 
-def apply_leaf(q, m: Array, max_rms: ArrayLike | None, max_element: ArrayLike | None
-               ) -> Array:
+def apply_leaf(q, m: Array, max_rms: ArrayLike | None, max_element: ArrayLike | None,
+               style: str = "rms_element") -> Array:
     """clip(P·m) of one leaf (clip(m) without a preconditioner)."""
-    return clip_leaf(q, m if q is None else q.apply(m), max_rms, max_element)
+    return clip_leaf(q, m if q is None else q.apply(m), max_rms, max_element, style)

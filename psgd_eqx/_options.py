@@ -389,6 +389,13 @@ TRANSFORM: tuple[Option, ...] = (
     Option("grad_clip_max_element", 10.0,
            "element-wise clip after the RMS clip (`None` disables).",
            interval(0.0, math.inf, lo_open=True, optional=True)),
+    Option("update_clip_style", "rms_element",
+           "how P·m is clipped, per tensor: `\"rms_element\"` (the two bounds above) or "
+           "`\"soft\"` (HeavyBall's smooth, sign-preserving trust region, element-wise: "
+           "≈ x near 0, logarithmic beyond ≈ 1, never past ±2; the two bounds are then "
+           "unused). A global-norm bound on the whole update is `optax.clip_by_global_norm` "
+           "after it (the psgd_jax aliases' `update_global_norm_clip`).",
+           one_of("rms_element", "soft")),
     Option("mu_dtype", None, "storage dtype of the momentum (default: the gradient's).",
            dtype_or_none),
     Option("key", 42, "a PRNG key or an int seed (probes, norm bounds, refit draws).",
@@ -504,6 +511,7 @@ KRON: tuple[Option, ...] = (
     _t("update_preconditioner_first"),
     _t("grad_clip_max_amp"),
     _t("grad_clip_max_element"),
+    _t("update_clip_style"),
     Option("scanned_layers", None,
            "leaves whose leading axis stacks layers (built with `eqx.filter_vmap`, run with "
            "`lax.scan`): a pytree of bools like the params, or a callable `(path, leaf) -> "

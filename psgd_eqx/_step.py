@@ -123,7 +123,7 @@ def _apply_all(o: Options, groups: Groups, members: list[int], preconds, m_hat: 
 
     def one(q, m):
         return None if _global.is_slot(q) else apply_leaf(
-            q, m, o.grad_clip_max_amp, o.grad_clip_max_element)
+            q, m, o.grad_clip_max_amp, o.grad_clip_max_element, o.update_clip_style)
 
     glob = {}
     if members:
@@ -131,7 +131,8 @@ def _apply_all(o: Options, groups: Groups, members: list[int], preconds, m_hat: 
         like = [like[i] for i in members]
         flat = gq.apply(_global.concat(like))
         for i, u in zip(members, _global.split(flat, like)):
-            glob[i] = clip(u, o.grad_clip_max_amp, o.grad_clip_max_element)
+            glob[i] = clip(u, o.grad_clip_max_amp, o.grad_clip_max_element,
+                           o.update_clip_style)
     return groups.map(one, qs, m_hat), glob
 
 

@@ -45,7 +45,7 @@ NOT_NUMERIC = {
     "geometry", "mu_dtype", "precond_dtype", "whiten_grad", "momentum_into_precond_update",
     "scanned_layers", "params_partition_specs", "preconditioner_partition_spec",
     "step_normalizer_order", "precision", "nesterov", "norm_bound", "bucket_leaves",
-    "use_kernels", "owner_axes",
+    "use_kernels", "owner_axes", "update_clip_style",
 }
 
 
