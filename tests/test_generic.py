@@ -381,8 +381,8 @@ def test_legacy_update_global_norm_clip():
     [
         (pe.xmat, dict(step_normalizer_order="1st"), "step_normalizer_order"),
         (pe.lra, dict(step_normalizer_order="1st"), "step_normalizer_order"),
-        (pe.affine, dict(nesterov=True), "nesterov"),
-        (pe.dense, dict(nesterov=True), "nesterov"),
+        (pe.affine, dict(nesterov="yes"), "nesterov"),
+        (pe.dense, dict(nesterov=1.5), "nesterov"),
         (pe.xmat, dict(precision="highest"), "precision"),
         (pe.xmat, dict(precond_lr=0.1, preconditioner_lr=0.3), "precond_lr"),
         (pe.dense, dict(precond_init_scale=1.0, preconditioner_init_scale=2.0),
