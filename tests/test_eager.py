@@ -137,6 +137,7 @@ def test_injected_hyperparameters_eager_share_one_compile():
     assert compiles["n"] == 0
 
 
+@pytest.mark.slow  # default-suite time budget; run with -m slow
 def test_inside_jit_nothing_changes():
     params = {"w": jnp.ones((4, 3))}
     grads = {"w": jnp.full((4, 3), 0.1)}

@@ -259,6 +259,7 @@ def test_one_step_diag_factor(geometry):
     np.testing.assert_allclose(new.factors[1], want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # default-suite time budget; run with -m slow
 def test_norm_bounds_are_lower_bounds(getkey):
     for bound in ("subspace", "one_step"):
         norm = pe.Normaliser(bound=bound)

@@ -14,6 +14,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WORKER = pathlib.Path(__file__).with_name("reshard_checkpoint_worker.py")
@@ -22,6 +24,7 @@ WORKER = pathlib.Path(__file__).with_name("reshard_checkpoint_worker.py")
 RTOL = 1e-5
 
 
+@pytest.mark.slow  # default-suite time budget; run with -m slow
 def test_checkpoint_restores_onto_fewer_devices(tmp_path):
     env = dict(os.environ)
     # The second flag halves XLA's CPU compile time, most of this test's time.

@@ -93,6 +93,7 @@ def _train(opt, params, loss, steps=60):
     return state, values
 
 
+@pytest.mark.slow  # default-suite time budget; run with -m slow
 def test_kron_scanned_layers_equinox_stack():
     """An `eqx.filter_vmap`-built stack run with `lax.scan`: one Kron per layer, and the
     `lax.map` path gives the same result as the `vmap` path."""

@@ -11,6 +11,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "sharded_transformer.py"
@@ -36,6 +38,7 @@ def _run(tmp_path, devices: int, steps: int = 30) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow  # default-suite time budget; run with -m slow
 def test_sharded_transformer_8_devices(tmp_path):
     r = _run(tmp_path, devices=8)
     losses = r["losses"]

@@ -752,6 +752,7 @@ def test_update_template_guard_switch():
         assert eqx.tree_equal(new, q), type(q).__name__
 
 
+@pytest.mark.slow  # default-suite time budget; run with -m slow
 def test_blocked_non_finite_block_is_skipped_alone():
     shape = (8, 3)
     q = pe.BlockedQ.init(lambda s: KronQ.init(s), shape, shape, 4)  # two 4×3 blocks
