@@ -4,6 +4,7 @@ import importlib as _importlib
 import importlib.metadata as _metadata
 import warnings as _warnings
 
+from ._adaptive import adaptive_refit_schedule as adaptive_refit_schedule
 from ._alias import (
     affine as affine,
     dense as dense,
@@ -12,6 +13,7 @@ from ._alias import (
     psgd as psgd,
     xmat as xmat,
 )
+from ._diagnostics import LeafDiagnostics as LeafDiagnostics
 from ._geometry import GEOMETRIES as GEOMETRIES
 from ._kron import (
     get_opt_state_partition_specs as get_opt_state_partition_specs,
@@ -33,6 +35,7 @@ from ._precond import (
     XMatQ as XMatQ,
 )
 from ._probe import hessian_helper as hessian_helper
+from ._report import diagnostics as diagnostics
 from ._schedules import precond_update_prob_schedule as precond_update_prob_schedule
 from ._sharding import (
     precond_partition_specs as precond_partition_specs,

@@ -97,7 +97,8 @@ _PSGD_OPTIONS = (
            at_least_zero),
     Option("weight_decay_mask", None, "a pytree of bools or a callable, as `optax.adamw`."),
     Option("update_global_norm_clip", None,
-           "clip the preconditioned update's global norm (psgd_jax's option; `None` = off).",
+           "clip the preconditioned update's global norm to this (psgd_jax's option; "
+           "`None` = off): selects the `\"global_norm\"` `update_clip_style`.",
            interval(0.0, float("inf"), lo_open=True, optional=True)),
 )
 def _renamed_check(new: str):
@@ -128,8 +129,10 @@ _LEGACY = tuple(
            "option; see [`psgd_eqx.scale_by_psgd`][].", boolean(optional=True)),
     Option("mask", None, "psgd_jax's name for `weight_decay_mask`."),
 )
-# the aliases take `nesterov` in psgd_jax's slot (in `_LEGACY`), not in the transform's
-_ALIAS_TRANSFORM = tuple(t for t in TRANSFORM if t.name != "nesterov")
+# the aliases take `nesterov` in psgd_jax's slot (in `_LEGACY`), not in the transform's,
+# and `update_global_norm_clip` in the slot of `_PSGD_OPTIONS`
+_ALIAS_TRANSFORM = tuple(t for t in TRANSFORM
+                         if t.name not in ("nesterov", "update_global_norm_clip"))
 _PSGD_LEADING = (
     inspect.Parameter("learning_rate", inspect.Parameter.POSITIONAL_OR_KEYWORD,
                       annotation=optax.ScalarOrSchedule),
@@ -143,8 +146,9 @@ _PSGD_LEADING = (
 def psgd(o: Options) -> optax.GradientTransformationExtraArgs:
     """The generic PSGD optimizer: your own preconditioner structure per leaf.
 
-    `optax.chain(scale_by_psgd(structure, ...), [clip_by_global_norm],
-    [add_decayed_weights], scale_by_learning_rate(learning_rate))`.
+    `optax.chain(scale_by_psgd(structure, ...), [add_decayed_weights],
+    scale_by_learning_rate(learning_rate))`; `update_global_norm_clip` selects
+    `scale_by_psgd`'s `"global_norm"` clip style.
 
     **Arguments:**
 
@@ -179,9 +183,13 @@ def psgd(o: Options) -> optax.GradientTransformationExtraArgs:
             raise ValueError("pass only one of `mask` and `weight_decay_mask`.")
         mask = o.mask
     kwargs = _legacy_kwargs({k: o[k] for k in (*names(TRANSFORM), *_RENAMED, *_FIXED_LEGACY)})
+    if o.update_global_norm_clip is not None:  # psgd_jax's switch for the global-norm clip
+        if kwargs["update_clip_style"] == "soft":
+            raise ValueError("`update_global_norm_clip` selects the \"global_norm\" clip "
+                             "style; it cannot be combined with `update_clip_style='soft'`.")
+        kwargs["update_clip_style"] = "global_norm"
     scale = scale_by_psgd(o.structure, global_structure=o.global_structure, **kwargs)
-    return with_lr_and_decay(scale, o.learning_rate, o.weight_decay, mask,
-                             o.update_global_norm_clip)
+    return with_lr_and_decay(scale, o.learning_rate, o.weight_decay, mask)
 
 
 # -- the one-structure aliases ---------------------------------------------------------

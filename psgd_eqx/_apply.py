@@ -1,9 +1,11 @@
 """Precondition and clip: the update of every leaf is clip(P·m).
 
-The clip is per tensor (per layer of a scanned stack), in one of two styles:
-`"rms_element"` (default): first an RMS ceiling, then an element-wise bound (a magnitude
-bound for complex updates); `"soft"`: HeavyBall's smooth, sign-preserving trust region,
-element-wise. Leaves without a preconditioner get the clipped momentum.
+The clip is in one of three styles: `"rms_element"` (default), per tensor (per layer of a
+scanned stack): first an RMS ceiling, then an element-wise bound (a magnitude bound for
+complex updates); `"soft"`: HeavyBall's smooth, sign-preserving trust region,
+element-wise; `"global_norm"`: the whole update (every leaf) scaled down to a global L2
+norm bound, by the step after the per-leaf part (`global_norm_factor`). Leaves without a
+preconditioner get the clipped momentum.
 """
 
 import jax
@@ -14,7 +16,7 @@ from ._numerics import abs2, safe_rms
 from ._precond.stacked import StackedQ
 
 
-CLIP_STYLES = ("rms_element", "soft")
+CLIP_STYLES = ("rms_element", "soft", "global_norm")
 # HeavyBall's trust region: s·((1 − λ)·sign(x)·log1p(|x|/s) + λ·tanh(x/s)), clamped to ±2
 _SOFT_SCALE, _SOFT_LERP, _SOFT_BOUND = 1.5, 0.9, 2.0
 
@@ -37,7 +39,7 @@ def clip(u: Array, max_rms: ArrayLike | None, max_element: ArrayLike | None,
     """`u` scaled down to RMS ≤ `max_rms`, then clipped to |uᵢ| ≤ `max_element`
     (`None` skips a bound); with `style="soft"`, [`soft_clip`][] instead (the two
     bounds are not used)."""
-    if u.size == 0:
+    if u.size == 0 or style == "global_norm":  # that one acts on the whole update at once
         return u
     if style == "soft":
         return soft_clip(u)
@@ -66,7 +68,11 @@ def clip_leaf(q, u: Array, max_rms: ArrayLike | None, max_element: ArrayLike | N
     return clip(u, max_rms, max_element, style)
 
 
-def apply_leaf(q, m: Array, max_rms: ArrayLike | None, max_element: ArrayLike | None,
-               style: str = "rms_element") -> Array:
-    """clip(P·m) of one leaf (clip(m) without a preconditioner)."""
-    return clip_leaf(q, m if q is None else q.apply(m), max_rms, max_element, style)
+def global_norm_factor(updates: list[Array], bound: ArrayLike) -> Array:
+    """The factor min(1, bound / ‖u‖) that brings the global L2 norm of all `updates` (every
+    leaf's, or a stack of leaves') to at most `bound` (f32; 1 for an all-zero update)."""
+    total = sum((jnp.sum(abs2(u).astype(jnp.float32)) for u in updates if u.size),
+                jnp.zeros((), jnp.float32))
+    norm = jnp.sqrt(total)
+    target = jnp.asarray(bound, jnp.float32)
+    return jnp.where(norm > target, target / jnp.where(norm > 0, norm, 1.0), 1.0)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ._adaptive import AdaptiveRefits
 from ._geometry import canonical_geometry
 from ._misc import check_number, concrete, concrete_or_same, init_int
 from ._schedules import precond_update_prob_schedule
@@ -334,6 +335,13 @@ def takes(
 
 _SCHEDULE = "a constant or a schedule of the step count"
 
+
+def _refit_probability(name, value):
+    """A probability in (0, 1], a schedule, or an adaptive refit schedule."""
+    if isinstance(value, AdaptiveRefits):
+        return
+    interval(0.0, 1.0, lo_open=True, schedule=True)(name, value)
+
 TRANSFORM: tuple[Option, ...] = (
     Option("b1", 0.9, "momentum EMA factor (0 disables momentum; no buffer is kept).",
            interval(0.0, 1.0, hi_open=True)),
@@ -351,8 +359,9 @@ TRANSFORM: tuple[Option, ...] = (
            "divide lr by √((1+b1)/(1−b1)) when switching).", boolean()),
     Option("preconditioner_update_probability", 1.0,
            f"refit probability, {_SCHEDULE} (see "
-           "[`psgd_eqx.precond_update_prob_schedule`][] for psgd_jax's 1 → 0.03 anneal).",
-           interval(0.0, 1.0, lo_open=True, schedule=True)),
+           "[`psgd_eqx.precond_update_prob_schedule`][] for psgd_jax's 1 → 0.03 anneal), "
+           "or [`psgd_eqx.adaptive_refit_schedule`][] (refit when the fit residual says "
+           "the preconditioner has gone stale).", _refit_probability),
     Option("bernoulli_refit", False,
            "`False`: a deterministic accumulator refits whenever the summed probability "
            "reaches 1 (rate exactly p, no variance); `True`: an independent Bernoulli(p) "
@@ -390,12 +399,21 @@ TRANSFORM: tuple[Option, ...] = (
            "element-wise clip after the RMS clip (`None` disables).",
            interval(0.0, math.inf, lo_open=True, optional=True)),
     Option("update_clip_style", "rms_element",
-           "how P·m is clipped, per tensor: `\"rms_element\"` (the two bounds above) or "
+           "how P·m is clipped: `\"rms_element\"` (per tensor, the two bounds above), "
            "`\"soft\"` (HeavyBall's smooth, sign-preserving trust region, element-wise: "
-           "≈ x near 0, logarithmic beyond ≈ 1, never past ±2; the two bounds are then "
-           "unused). A global-norm bound on the whole update is `optax.clip_by_global_norm` "
-           "after it (the psgd_jax aliases' `update_global_norm_clip`).",
-           one_of("rms_element", "soft")),
+           "≈ x near 0, logarithmic beyond ≈ 1, never past ±2) or `\"global_norm\"` (the "
+           "whole update, every leaf together, scaled down to a global L2 norm of at most "
+           "`update_global_norm_clip`: the reference's clip for Newton fitting). Only the "
+           "chosen style's bounds are used.", one_of("rms_element", "soft", "global_norm")),
+    Option("update_global_norm_clip", None,
+           "the bound of the `\"global_norm\"` style (needed by it, unused by the others; "
+           "the psgd_jax aliases select that style when it is given).",
+           interval(0.0, math.inf, lo_open=True, optional=True)),
+    Option("track_diagnostics", False,
+           "measure, at every `update`, each leaf's RMS of P·m before clipping, whether "
+           "the clip changed it and the fit residual, into `PSGDState.diagnostics` (read "
+           "them with [`psgd_eqx.diagnostics`][]); costs one extra P·x per leaf per step.",
+           boolean(), static=True),
     Option("mu_dtype", None, "storage dtype of the momentum (default: the gradient's).",
            dtype_or_none),
     Option("key", 42, "a PRNG key or an int seed (probes, norm bounds, refit draws).",
@@ -512,6 +530,8 @@ KRON: tuple[Option, ...] = (
     _t("grad_clip_max_amp"),
     _t("grad_clip_max_element"),
     _t("update_clip_style"),
+    _t("update_global_norm_clip"),
+    _t("track_diagnostics"),
     Option("scanned_layers", None,
            "leaves whose leading axis stacks layers (built with `eqx.filter_vmap`, run with "
            "`lax.scan`): a pytree of bools like the params, or a callable `(path, leaf) -> "

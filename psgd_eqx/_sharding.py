@@ -451,6 +451,9 @@ STATE_RULES: dict[str, FieldRule] = {
     "global_precond": _replicated,
     # (running sum of the fit inputs, their count)
     "fit_accum": lambda value, st, c: (c.like_params(value[0]), _replicated(value[1])),
+    # a few scalars per leaf (per layer of a scanned stack), and one scalar
+    "diagnostics": _replicated,
+    "staleness": _replicated,
 }
 
 

@@ -31,8 +31,10 @@ from jaxtyping import Array, ArrayLike, Bool, PyTree
 
 from . import _global, _momentum, _rng
 from ._accum import accumulate, restart_after_refit
-from ._apply import apply_leaf, clip
+from ._adaptive import AdaptiveRefits, update_staleness
+from ._apply import clip, clip_leaf, global_norm_factor
 from ._bucket import Groups
+from ._diagnostics import Tracked, fit_ratio, update_figures
 from ._fit import FitSettings, refit_groups
 from ._init_scale import grad_stats, log_sum_abs2, scale_from_grad_stats, scale_from_hvp_logs
 from ._layout import as_layout, pin_stacks, stack_inputs, unstack_outputs
@@ -117,23 +119,76 @@ def _global_pair(groups: Groups, members: list[int], inputs: list, vectors: list
 
 def _apply_all(o: Options, groups: Groups, members: list[int], preconds, m_hat: list):
     """clip(P·m): per group (vmapped over a stack; `None` for the global group's
-    members), and `{leaf index: update}` of the global group's one preconditioner over
-    its members' concatenated momenta."""
+    members), `{leaf index: update}` of the global group's one preconditioner over its
+    members' concatenated momenta, and, with `track_diagnostics`, the same two layouts of
+    `(RMS before clipping, clipped)` (else `None`)."""
     qs, gq = preconds
+    bounds = (o.grad_clip_max_amp, o.grad_clip_max_element, o.update_clip_style)
+    track = o.track_diagnostics
 
     def one(q, m):
-        return None if _global.is_slot(q) else apply_leaf(
-            q, m, o.grad_clip_max_amp, o.grad_clip_max_element, o.update_clip_style)
+        if _global.is_slot(q):
+            return None
+        pre = m if q is None else q.apply(m)
+        u = clip_leaf(q, pre, *bounds)
+        return (u, update_figures(q, pre, u)) if track else u
 
-    glob = {}
+    glob, glob_fig = {}, {}
     if members:
         like = groups.unstack(m_hat, only=members)
         like = [like[i] for i in members]
         flat = gq.apply(_global.concat(like))
-        for i, u in zip(members, _global.split(flat, like)):
-            glob[i] = clip(u, o.grad_clip_max_amp, o.grad_clip_max_element,
-                           o.update_clip_style)
-    return groups.map(one, qs, m_hat), glob
+        for i, pre in zip(members, _global.split(flat, like)):
+            glob[i] = clip(pre, *bounds)
+            glob_fig[i] = update_figures(None, pre, glob[i])
+    out = groups.map(one, qs, m_hat)
+    figs = None
+    if track:
+        figs = [None if x is None else x[1] for x in out]
+        out = [None if x is None else x[0] for x in out]
+    if o.update_clip_style == "global_norm":
+        factor = global_norm_factor([u for u in out if u is not None] + list(glob.values()),
+                                    o.update_global_norm_clip)
+        out = [None if u is None else u * factor.astype(u.dtype) for u in out]
+        glob = {i: u * factor.astype(u.dtype) for i, u in glob.items()}
+        if track:  # the clip is the global factor: one flag for every leaf
+            figs = [None if f is None else (f[0], jnp.broadcast_to(factor < 1, f[1].shape))
+                    for f in figs]
+            glob_fig = {i: (f[0], factor < 1) for i, f in glob_fig.items()}
+    return out, glob, (figs, glob_fig) if track else None
+
+
+def _fit_ratios(groups: Groups, qs: list, gq, inputs: list, vectors: list,
+                pair) -> list:
+    """Every bucket's fit ratios ‖P·x‖²/n (see `_diagnostics.fit_ratio`), then the global
+    group's if it has one, with the preconditioners this step's refit starts from."""
+    out = groups.map(fit_ratio, qs, inputs, vectors)
+    if gq is not None and pair is not None:
+        out.append(fit_ratio(gq, *pair))
+    return out
+
+
+def _tracked(groups: Groups, treedef, inert: list[bool], figures, ratios: list,
+             old: PyTree, ok: Bool[Array, ""]) -> PyTree:
+    """The new `PSGDState.diagnostics`: per leaf, a [`Tracked`][psgd_eqx._diagnostics.Tracked]
+    of this step (the old one for a step skipped on non-finite gradients, and for leaves
+    that are not trained); a global-group leaf gets the global preconditioner's residual."""
+    figs, glob_figs = figures
+    n_groups = len(groups.index)
+    per_leaf_figs = groups.unstack(figs)
+    per_leaf_ratio = groups.unstack(ratios[:n_groups])
+    glob_ratio = ratios[n_groups] if len(ratios) > n_groups else None
+    new = []
+    for i, prev in enumerate(treedef.flatten_up_to(old)):
+        fig = glob_figs.get(i, per_leaf_figs[i])
+        r = glob_ratio if i in glob_figs else per_leaf_ratio[i]
+        if inert[i] or fig is None or r is None:
+            new.append(prev)
+            continue
+        rho = jnp.broadcast_to(jnp.log(r), fig[0].shape)
+        now = Tracked(fig[0], fig[1], rho)
+        new.append(jax.tree.map(lambda a, b: jnp.where(ok, a, b), now, prev))
+    return jax.tree.unflatten(treedef, new)
 
 
 def step(
@@ -191,9 +246,7 @@ def step(
         fit_ok = finite
     if accum is not None:
         sums, n_acc, inputs = accumulate(sums, accum[1], inputs, finite)
-    do_refit, acc = refit_decision(count, state.refit_accumulator, fit_ok, k_draw,
-                                   probability=probability, bernoulli=o.bernoulli_refit,
-                                   override=override)
+
     def leafwise(per_group, old):  # the groups' values per leaf, the inert leaves' old
         return [o_ if dead else x for dead, x, o_ in zip(inert, groups.unstack(per_group),
                                                            old)]
@@ -207,6 +260,20 @@ def step(
                     None if gq_ is None else gq_.rescale(scale))
 
         qs, gq = jax.lax.cond(count == 0, rescale, lambda x: x, (qs, gq))
+
+    # The fit ratios, with the preconditioners this step's refit starts from.
+    ratios, staleness = None, state.staleness
+    schedule = o.preconditioner_update_probability
+    if o.track_diagnostics or isinstance(schedule, AdaptiveRefits):
+        pair = _global_pair(groups, members, inputs, vectors if newton else None)
+        ratios = _fit_ratios(groups, qs, gq, inputs, vectors, pair)
+        if isinstance(schedule, AdaptiveRefits):
+            staleness, stale = update_staleness(schedule, groups, qs, state.staleness,
+                                                ratios, fit_ok)
+            probability = lambda _: schedule.rate(stale)  # noqa: E731
+    do_refit, acc = refit_decision(count, state.refit_accumulator, fit_ok, k_draw,
+                                   probability=probability, bernoulli=o.bernoulli_refit,
+                                   override=override)
 
     settings = FitSettings(newton, o.damping, precond_lr(count), state.normaliser,
                            o.balance_probability, o.stochastic_rounding)
@@ -239,7 +306,8 @@ def step(
         sums, n_acc = restart_after_refit(sums, n_acc, do_refit)
         fit_accum = (merged(sums, old_sums), n_acc)
     # the updates (and new momenta) per leaf: one all-to-all back per owned bucket
-    (out_g, glob), with_mu = out, state.mu is not None
+    out_g, glob, figures = out
+    with_mu = state.mu is not None
     per_leaf_out = unstack_outputs([out_g, *([mu] if with_mu else [])], groups, owner)
     out = [glob.get(i, u) for i, u in enumerate(per_leaf_out[0])]
     out = [(g if g.dtype == jax.dtypes.float0 else jnp.zeros_like(g)) if dead else u
@@ -256,5 +324,8 @@ def step(
         refits=state.refits + do_refit.astype(jnp.int32),
         global_precond=gq if members else state.global_precond,
         fit_accum=fit_accum,
+        diagnostics=state.diagnostics if figures is None else _tracked(
+            groups, treedef, inert, figures, ratios, state.diagnostics, finite),
+        staleness=staleness,
     )
     return jax.tree.unflatten(treedef, out), new_state

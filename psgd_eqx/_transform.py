@@ -17,8 +17,10 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from . import _global
 from ._accum import init_fit_accum
+from ._adaptive import AdaptiveRefits, init_staleness
 from ._bucket import Groups
 from ._build import as_leaf_array, build_preconds
+from ._diagnostics import init_tracked
 from ._eager import eager_cached
 from ._global import GLOBAL as GLOBAL, GlobalSlot
 from ._layout import LeafBuckets, as_layout, leaf_index, owner_axes, owner_size
@@ -53,6 +55,12 @@ class PSGDState(eqx.Module):
         `structure` mapped to [`psgd_eqx.GLOBAL`][] (`None` if there is none).
     - `fit_accum`: with `precond_grad_accum`, the running sum of the fit inputs since the
         last refit and their number (else `None`).
+    - `diagnostics`: with `track_diagnostics=True`, per leaf (a tree like the params) the
+        last `update`'s RMS of P·m before clipping, whether it was clipped and the fit
+        residual (see [`psgd_eqx.diagnostics`][]); else `None`.
+    - `staleness`: with [`psgd_eqx.adaptive_refit_schedule`][], per bucket of leaves
+        (and the global group), the EMA of each leaf's fit ratio ‖P·x‖²/n that sets the
+        refit rate; else `None`.
     - `normaliser`: the (static) step-size normaliser configuration fixed at `init`.
     """
 
@@ -64,6 +72,8 @@ class PSGDState(eqx.Module):
     refits: Int[Array, ""]
     global_precond: AbstractPrecond | Array | None = None
     fit_accum: tuple[PyTree, Int[Array, ""]] | None = None
+    diagnostics: PyTree | None = None
+    staleness: tuple[Float[Array, "..."], ...] | None = None
     normaliser: Normaliser = eqx.field(static=True, default=Normaliser())
 
     @property
@@ -109,6 +119,12 @@ def _normaliser(o: Options) -> Normaliser:
 def _check(o: Options) -> None:
     if not o.whiten_grad and concrete(o.b1) == 0:
         raise ValueError("`whiten_grad=False` (fit on the momentum) needs `b1 > 0`; got b1=0.")
+    if o.update_clip_style == "global_norm" and o.update_global_norm_clip is None:
+        raise ValueError("`update_clip_style='global_norm'` needs its bound "
+                         "`update_global_norm_clip` (a number > 0); got None.")
+    if isinstance(o.preconditioner_update_probability, AdaptiveRefits) and o.bernoulli_refit:
+        raise ValueError("`adaptive_refit_schedule` sets a refit rate for the deterministic "
+                         "accumulator; use it with `bernoulli_refit=False`.")
     _normaliser(o)  # validates the combination
 
 
@@ -165,8 +181,10 @@ def scale_by_psgd(o: Options) -> optax.GradientTransformationExtraArgs:
     step cached per configuration and input shapes.
     """
     _check(o)
-    probability = as_schedule(o.preconditioner_update_probability,
-                              "preconditioner_update_probability")
+    adaptive = isinstance(o.preconditioner_update_probability, AdaptiveRefits)
+    # an adaptive schedule's rate is set in the step, from the fit residuals
+    probability = None if adaptive else as_schedule(o.preconditioner_update_probability,
+                                                    "preconditioner_update_probability")
     precond_lr = as_schedule(o.preconditioner_lr, "preconditioner_lr")
 
     def init_fn(params):
@@ -177,9 +195,17 @@ def scale_by_psgd(o: Options) -> optax.GradientTransformationExtraArgs:
         fit_accum = init_fit_accum(params) if o.precond_grad_accum else None
         # separate buffers per field, so a jitted step can donate the whole state
         zero = jnp.zeros([], jnp.int32)
-        return PSGDState(zero, as_key(o.key), mu, _bucketed(params, precond, o), 
+        tracked = init_tracked(params, precond) if o.track_diagnostics else None
+        layout = _bucketed(params, precond, o)
+        staleness = None
+        if adaptive:
+            if isinstance(layout, LeafBuckets):
+                staleness = init_staleness(layout.groups, list(layout.stacks), gq is not None)
+            else:
+                staleness = init_staleness(Groups([]), [], gq is not None)
+        return PSGDState(zero, as_key(o.key), mu, layout,
                          jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32), gq,
-                         fit_accum, _normaliser(o))
+                         fit_accum, tracked, staleness, _normaliser(o))
 
     def update_fn(updates, state, params=None, *, Hvp=None, vector=None,
                   update_preconditioner=None, **extra_args):

@@ -1,11 +1,11 @@
-"""The tail every alias chains after its PSGD transformation: optional global-norm clip,
-decoupled weight decay, learning rate (θ ← θ − lr·(u + wd·θ), as `optax.adamw`)."""
+"""The tail every alias chains after its PSGD transformation: decoupled weight decay and
+learning rate (θ ← θ − lr·(u + wd·θ), as `optax.adamw`)."""
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from ._misc import check_number, concrete
+from ._misc import concrete
 
 
 def with_lr_and_decay(
@@ -13,16 +13,14 @@ def with_lr_and_decay(
     learning_rate,
     weight_decay,
     weight_decay_mask,
-    global_norm_clip=None,
 ) -> optax.GradientTransformationExtraArgs:
-    """chain(scale, [clip_by_global_norm], [add_decayed_weights], scale_by_learning_rate).
+    """chain(scale, [add_decayed_weights], scale_by_learning_rate).
 
     **Arguments:**
 
     - `scale`: the PSGD transformation.
     - `learning_rate`: a number or an optax schedule (≥ 0).
     - `weight_decay`, `weight_decay_mask`: as `optax.adamw` (≥ 0).
-    - `global_norm_clip`: clip the update's global norm first (`None` = off).
 
     **Returns:** the chained `optax.GradientTransformationExtraArgs`.
     """
@@ -31,10 +29,6 @@ def with_lr_and_decay(
         if number is not None and not number >= 0:
             raise ValueError(f"`{name}` must be >= 0; got {value!r}.")
     tail = []
-    if global_norm_clip is not None:
-        check_number("update_global_norm_clip", global_norm_clip, 0.0, float("inf"),
-                     lo_open=True)
-        tail.append(optax.clip_by_global_norm(global_norm_clip))
     tail.append(_decayed_weights(weight_decay, weight_decay_mask))
     tail.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(scale, *(_trained_leaves_only(t) for t in tail))

@@ -52,7 +52,8 @@ CHANGED_DEFAULTS = {
 # Options added since the recording (keyword parameters with a default that keeps the old
 # behaviour): removed from the live signatures before comparing.
 ADDED_OPTIONS = {"owner_axes": "None", "nesterov": "False",
-                 "update_clip_style": "'rms_element'"}
+                 "update_clip_style": "'rms_element'", "update_global_norm_clip": "None",
+                 "track_diagnostics": "False"}
 
 
 def _without_added(entry: dict, recorded: dict) -> dict:
