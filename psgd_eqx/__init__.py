@@ -34,6 +34,7 @@ from ._precond import (
     StackedQ as StackedQ,
     XMatQ as XMatQ,
 )
+from ._plot import plot_diagnostics as plot_diagnostics
 from ._probe import hessian_helper as hessian_helper
 from ._report import diagnostics as diagnostics
 from ._schedules import precond_update_prob_schedule as precond_update_prob_schedule
