@@ -23,6 +23,7 @@ from ._kron import (
 from ._layout import LeafBuckets as LeafBuckets
 from ._norms import Normaliser as Normaliser
 from ._plan import LeafPlan as LeafPlan, kron_plan as kron_plan, plan_table as plan_table
+from ._plot import plot_diagnostics as plot_diagnostics
 from ._precond import (
     LRAQ as LRAQ,
     AbstractPrecond as AbstractPrecond,
@@ -34,7 +35,6 @@ from ._precond import (
     StackedQ as StackedQ,
     XMatQ as XMatQ,
 )
-from ._plot import plot_diagnostics as plot_diagnostics
 from ._probe import hessian_helper as hessian_helper
 from ._report import diagnostics as diagnostics
 from ._schedules import precond_update_prob_schedule as precond_update_prob_schedule

@@ -1,19 +1,23 @@
 """Adaptive refits: refit when the preconditioner has gone stale, rarely when it has not.
 
 The fixed probability and the 1 → 0.03 anneal decide refits by the step count alone. This
-schedule reads, on every step, each leaf's fit ratio r = ‖P·x‖²/n (‖P·h‖²/‖v‖² for a
-Newton fit; `_diagnostics.fit_ratio`), which is 1 in expectation when P is fitted to the
-current inputs. Per leaf (per layer of a scanned stack) it keeps an EMA of r (in
-`PSGDState.staleness`, one array per bucket: r, not log r, is averaged, so the EMA is
-unbiased at the fit), and refits at the rate
+schedule reads, on every step, each leaf's fit energies (`_diagnostics.fit_stats`): per
+axis of the leaf and per index along it, Σ|P·x|² over the other axes over its value at
+the fit (for whitening, the diagonal of Contract(P·x, P·x)/c, which is I when P is fitted;
+for a Newton fit, the same energies of P·h over those of v). They are 1 in expectation at
+the fit and move when P's scale or shape no longer matches the inputs (one row of the
+gradients grown, the Hessian rotated, every gradient shrunk). Per leaf (per layer of a
+scanned stack) it keeps an EMA of them (`PSGDState.staleness`, per bucket; the energies,
+not their logs, are averaged, so the EMA is unbiased at the fit), and refits at the rate
 
-    p = floor + (ceiling − floor) · min(1, (S / tolerance)²),  S = mean |log EMA(r)|
+    p = floor + (ceiling − floor) · min(1, (S / tolerance)²),
+    S = the mean over leaves of mean |log EMA(energy)| (over axes and indices),
 
 with the same deterministic accumulator as a fixed probability (a refit whenever the
-summed rate reaches 1). A fitted preconditioner has S near the EMA's noise (≈ 0.23·√(2/n)
-for a leaf of n elements with β = 0.9), so it refits near `floor`; gradients that shrink,
-grow or rotate away from what P was fitted to move r and the rate with it. The first step
-always refits. The cost: one extra P·x per leaf per step (a refit costs several).
+summed rate reaches 1). A fitted preconditioner has S near the EMA's noise, so it refits
+near `floor`; a stale one at the ceiling. The first step always refits. The cost: one
+extra P·x per leaf per step and a few reductions (a refit costs several times that),
+and Σ(axis lengths) floats of state per leaf.
 """
 
 import dataclasses
@@ -91,39 +95,62 @@ def adaptive_refit_schedule(
     return AdaptiveRefits(float(floor), float(ceiling), float(tolerance), float(beta))
 
 
-def init_staleness(groups: Groups, stacks: list, with_global: bool) -> tuple[Array, ...]:
-    """`PSGDState.staleness` at `init`: an EMA of r = 1 per leaf (per layer of a scanned
-    stack), one array per bucket (and one scalar for the global group)."""
-    def shape(g, q):
-        rows = (len(groups.index[g]) + groups.pads[g],) if groups.stacked(g) else ()
-        return rows + ((q.shape[0],) if isinstance(q, StackedQ) else ())
+def _leaf_axes(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return shape if shape else (1,)  # a scalar leaf is one axis of one element
 
-    out = [jnp.ones(shape(g, q), jnp.float32) for g, q in enumerate(stacks)]
-    return tuple(out + ([jnp.ones((), jnp.float32)] if with_global else []))
+
+def init_staleness(groups: Groups, stacks: list, global_q) -> tuple:
+    """`PSGDState.staleness` at `init`: per bucket (then the global group, if any), per
+    axis of its leaves, an EMA of the fit energies starting at 1 (fitted), with the
+    bucket's stack rows and a scanned stack's layers in front; `()` for a bucket without
+    a preconditioner of its own."""
+    def one(g, q):
+        if not isinstance(q, AbstractPrecond):
+            return ()
+        rows = (len(groups.index[g]) + groups.pads[g],) if groups.stacked(g) else ()
+        if isinstance(q, StackedQ):
+            rows, shape = rows + q.shape[:1], q.shape[1:]
+        else:
+            shape = q.shape
+        return tuple(jnp.ones(rows + (n,), jnp.float32) for n in _leaf_axes(shape))
+
+    out = [one(g, q) for g, q in enumerate(stacks)]
+    if isinstance(global_q, AbstractPrecond):  # over the flattened members: one axis
+        out.append(tuple(jnp.ones((n,), jnp.float32) for n in _leaf_axes(global_q.shape)))
+    return tuple(out)
+
+
+def leaf_staleness(ema: tuple[Array, ...]) -> Array:
+    """One leaf's (per layer) mean |log EMA(energy)| over its axes and indices."""
+    return sum(jnp.mean(jnp.abs(jnp.log(e)), axis=-1) for e in ema) / len(ema)
 
 
 def update_staleness(
     schedule: AdaptiveRefits,
     groups: Groups,
-    qs: list,
-    old: tuple[Array, ...],
-    ratios: list[Array],
+    old: tuple,
+    energies: list,
     ok: Bool[Array, ""],
-) -> tuple[tuple[Array, ...], Float[Array, ""]]:
-    """The EMAs after this step's fit ratios (kept as they were on a step with non-finite
-    inputs), and the staleness S: the mean |log EMA(r)| over every trained leaf (each layer
-    of a scanned stack counts; the inert rows that pad an owner-computes stack do not).
+) -> tuple[tuple, Float[Array, ""]]:
+    """The EMAs after this step's fit energies (kept as they were on a step with
+    non-finite inputs), and the staleness S: the mean over every leaf with a
+    preconditioner (each layer of a scanned stack counts; the inert rows that pad an
+    owner-computes stack do not) of its `leaf_staleness`.
 
-    `ratios` is one array per bucket, then the global group's ratio if there is one.
+    `energies` has one entry per bucket (a tuple per axis, `()` without a preconditioner),
+    then the global group's if there is one.
     """
-    new = tuple(jnp.where(ok & jnp.all(jnp.isfinite(r)),
-                          schedule.beta * e + (1.0 - schedule.beta) * r, e)
-                for e, r in zip(old, ratios))
-    total, count = jnp.zeros((), jnp.float32), 0
-    for g, e in enumerate(new):
-        if g < len(qs) and not isinstance(qs[g], AbstractPrecond):
-            continue  # no preconditioner of its own (none, or the global group's slot)
-        real = e[:len(groups.index[g])] if g < len(qs) and groups.stacked(g) else e
-        total, count = total + jnp.sum(jnp.abs(jnp.log(real))), count + real.size
-    return new, total / max(count, 1)
+    def ema(e, x):
+        return jnp.where(ok & jnp.all(jnp.isfinite(x)),
+                         schedule.beta * e + (1.0 - schedule.beta) * x, e)
 
+    new = tuple(tuple(ema(e, x) for e, x in zip(es, xs)) for es, xs in zip(old, energies))
+    total, count = jnp.zeros((), jnp.float32), 0
+    for g, es in enumerate(new):
+        if not es:
+            continue
+        per_leaf = leaf_staleness(es)
+        if g < len(groups.index) and groups.stacked(g):
+            per_leaf = per_leaf[:len(groups.index[g])]
+        total, count = total + jnp.sum(per_leaf), count + per_leaf.size
+    return new, total / max(count, 1)

@@ -70,6 +70,9 @@ class LeafDiagnostics(eqx.Module):
     - `factor_names`: what each factor is (e.g. `"axis 0 (64, dense)"`).
     - `update_rms`, `clipped`, `fit_residual`: the last `update`'s figures
         (see [`psgd_eqx.PSGDState`][]), or `None` without `track_diagnostics=True`.
+    - `staleness`: with [`psgd_eqx.adaptive_refit_schedule`][], the mean |log| of the
+        smoothed fit energies (0 = fitted in scale and shape; the schedule refits at its
+        ceiling from `tolerance` up), else `None`.
 
     A parameter of a scanned stack has one value per layer in every field but `refits`;
     blocks of a [`psgd_eqx.BlockedQ`][] report their worst block.
@@ -82,6 +85,7 @@ class LeafDiagnostics(eqx.Module):
     update_rms: Float[Array, "*layers"] | None = None
     clipped: Bool[Array, "*layers"] | None = None
     fit_residual: Float[Array, "*layers"] | None = None
+    staleness: Float[Array, "*layers"] | None = None
 
 
 # -- measured during `update` ----------------------------------------------------------
@@ -113,21 +117,45 @@ def update_figures(q, before: Array, after: Array) -> tuple[Array, Array]:
     return _per_layer(q, one, before, after)
 
 
-def fit_ratio(q, x: Array, v: Array | None) -> Float[Array, "*layers"]:
-    """‖P·x‖² / n (whitening, `v` is `None`) or ‖P·h‖² / ‖v‖² (Newton, `x` = h) of one
-    leaf under `q`: 1 at the fit in expectation, so its log is the fit residual ρ (see the
-    module docstring). 1 for an all-zero or empty input, or a leaf without a
-    preconditioner."""
+def _energy_along(u2: Array, r2: Array | None, axis: int) -> Array:
+    """Per index of `axis`: Σ|P·x|² over the other axes, over its value at the fit (their
+    number of elements for whitening, Σ|v|² for a Newton fit)."""
+    others = tuple(a for a in range(u2.ndim) if a != axis)
+    if r2 is None:
+        return jnp.mean(u2, axis=others)
+    tiny = jnp.finfo(jnp.float32).tiny
+    return jnp.maximum(jnp.sum(u2, axis=others), tiny) / jnp.maximum(
+        jnp.sum(r2, axis=others), tiny)
+
+
+def fit_stats(q, x: Array, v: Array | None) -> tuple[Array, tuple[Array, ...]]:
+    """The fit figures of one leaf's input `x` (and Newton probe `v`; `None` = whitening)
+    under `q`, each 1 in expectation at the fit:
+
+    - the ratio ‖P·x‖² / n (whitening) or ‖P·h‖² / ‖v‖² (Newton, `x` = h): its log is the
+      fit residual ρ (see the module docstring);
+    - per axis of the leaf, per index along it, the same ratio of the slice's energies
+      (the diagonal of Contract(P·x, P·x)/c, which is I at a whitening fit). Unlike the
+      ratio these see a wrong *shape* of P, e.g. one row scaled wrongly.
+
+    A scanned stack has one value per layer. A leaf without a preconditioner, or with an
+    empty input, gives `(1, ())`; an all-zero input gives ones (nothing to fit).
+    """
     if not isinstance(q, AbstractPrecond) or x.size == 0:
-        return jnp.ones((), jnp.float32)
+        return jnp.ones((), jnp.float32), ()
 
     def one(qq, xx, vv):
-        px2 = jnp.sum(abs2(qq.apply(xx)).astype(jnp.float32))
-        ref = (jnp.asarray(xx.size, jnp.float32) if vv is None
-               else jnp.sum(abs2(vv).astype(jnp.float32)))
+        u2 = abs2(qq.apply(xx)).astype(jnp.float32)
+        r2 = None if vv is None else abs2(vv).astype(jnp.float32)
+        if u2.ndim == 0:
+            u2, r2 = u2.reshape(1), None if r2 is None else r2.reshape(1)
         tiny = jnp.finfo(jnp.float32).tiny
-        return jnp.where(jnp.any(xx != 0), jnp.maximum(px2, tiny) / jnp.maximum(ref, tiny),
-                         1.0)
+        ref = jnp.asarray(u2.size, jnp.float32) if r2 is None else jnp.sum(r2)
+        ratio = jnp.maximum(jnp.sum(u2), tiny) / jnp.maximum(ref, tiny)
+        energies = tuple(_energy_along(u2, r2, a) for a in range(u2.ndim))
+        live = jnp.any(xx != 0)
+        return (jnp.where(live, ratio, 1.0),
+                tuple(jnp.where(live, e, 1.0) for e in energies))
 
     if isinstance(q, StackedQ):
         return jax.vmap(one)(q.inner, x, v)
@@ -200,7 +228,8 @@ def _batched_summary(batched) -> tuple[tuple[str, ...], list[Array], list[Array]
     return names[0], lips, conds
 
 
-def leaf_diagnostics(q, refits: Array, tracked: Tracked | None) -> LeafDiagnostics | None:
+def leaf_diagnostics(q, refits: Array, tracked: Tracked | None,
+                     staleness: Array | None = None) -> LeafDiagnostics | None:
     """The [`LeafDiagnostics`][psgd_eqx.LeafDiagnostics] of one leaf's preconditioner."""
     if not isinstance(q, AbstractPrecond):
         return None
@@ -211,4 +240,5 @@ def leaf_diagnostics(q, refits: Array, tracked: Tracked | None) -> LeafDiagnosti
     extra = {} if tracked is None else dict(
         update_rms=tracked.update_rms, clipped=tracked.clipped,
         fit_residual=tracked.fit_residual)
-    return LeafDiagnostics(refits, tuple(lips), tuple(conds), tuple(names), **extra)
+    return LeafDiagnostics(refits, tuple(lips), tuple(conds), tuple(names), **extra,
+                           staleness=staleness)

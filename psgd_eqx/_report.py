@@ -5,6 +5,7 @@ import jax
 from jaxtyping import PyTree
 
 from . import _global
+from ._adaptive import leaf_staleness
 from ._diagnostics import LeafDiagnostics, leaf_diagnostics
 from ._transform import PSGDState
 
@@ -43,6 +44,8 @@ def diagnostics(state: PyTree) -> dict[str, LeafDiagnostics]:
         well above 0 means P is stale (refit more often: see
         [`psgd_eqx.adaptive_refit_schedule`][]), well below 0 that the gradients have
         grown since P was fitted.
+    - `staleness` (with [`psgd_eqx.adaptive_refit_schedule`][]): what that schedule
+        reads, per parameter: near 0 when P fits the recent inputs in scale and shape.
 
     **Arguments:**
 
@@ -65,11 +68,19 @@ def _report(st: PSGDState) -> dict[str, LeafDiagnostics]:
              for p, i in jax.tree_util.tree_flatten_with_path(dummy)[0]}
     tracked = ([None] * len(qs) if st.diagnostics is None
                else layout.treedef.flatten_up_to(st.diagnostics))
+    stale = [None] * len(qs)
+    if st.staleness is not None:
+        n_groups = len(layout.index)
+        per_leaf = layout.groups.unstack(list(st.staleness[:n_groups]))
+        glob = st.staleness[n_groups] if len(st.staleness) > n_groups else None
+        stale = [leaf_staleness(e) if e else None for e in per_leaf]
     out = {}
     for i, q in enumerate(qs):
         if _global.is_slot(q):
             q = st.global_precond
-        entry = leaf_diagnostics(q, st.refits, tracked[i])
+            if st.staleness is not None:
+                stale[i] = leaf_staleness(glob)
+        entry = leaf_diagnostics(q, st.refits, tracked[i], stale[i])
         if entry is not None:
             out[paths[i]] = entry
     return out

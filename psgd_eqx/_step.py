@@ -34,7 +34,7 @@ from ._accum import accumulate, restart_after_refit
 from ._adaptive import AdaptiveRefits, update_staleness
 from ._apply import clip, clip_leaf, global_norm_factor
 from ._bucket import Groups
-from ._diagnostics import Tracked, fit_ratio, update_figures
+from ._diagnostics import Tracked, fit_stats, update_figures
 from ._fit import FitSettings, refit_groups
 from ._init_scale import grad_stats, log_sum_abs2, scale_from_grad_stats, scale_from_hvp_logs
 from ._layout import as_layout, pin_stacks, stack_inputs, unstack_outputs
@@ -158,13 +158,13 @@ def _apply_all(o: Options, groups: Groups, members: list[int], preconds, m_hat: 
     return out, glob, (figs, glob_fig) if track else None
 
 
-def _fit_ratios(groups: Groups, qs: list, gq, inputs: list, vectors: list,
-                pair) -> list:
-    """Every bucket's fit ratios ‖P·x‖²/n (see `_diagnostics.fit_ratio`), then the global
-    group's if it has one, with the preconditioners this step's refit starts from."""
-    out = groups.map(fit_ratio, qs, inputs, vectors)
+def _fit_stats(groups: Groups, qs: list, gq, inputs: list, vectors: list, pair) -> list:
+    """Every bucket's `(fit ratios, per-axis energies)` (see `_diagnostics.fit_stats`), then
+    the global group's if it has one, with the preconditioners this step's refit starts
+    from."""
+    out = groups.map(fit_stats, qs, inputs, vectors)
     if gq is not None and pair is not None:
-        out.append(fit_ratio(gq, *pair))
+        out.append(fit_stats(gq, *pair))
     return out
 
 
@@ -193,7 +193,7 @@ def _tracked(groups: Groups, treedef, inert: list[bool], figures, ratios: list,
 
 def step(
     o: Options,
-    probability: Callable,
+    probability: Callable | None,  # None: set by the adaptive schedule in the step
     precond_lr: Callable,
     grads: PyTree,
     state,
@@ -266,10 +266,11 @@ def step(
     schedule = o.preconditioner_update_probability
     if o.track_diagnostics or isinstance(schedule, AdaptiveRefits):
         pair = _global_pair(groups, members, inputs, vectors if newton else None)
-        ratios = _fit_ratios(groups, qs, gq, inputs, vectors, pair)
+        stats = _fit_stats(groups, qs, gq, inputs, vectors, pair)
+        ratios = [r for r, _ in stats]
         if isinstance(schedule, AdaptiveRefits):
-            staleness, stale = update_staleness(schedule, groups, qs, state.staleness,
-                                                ratios, fit_ok)
+            staleness, stale = update_staleness(schedule, groups, state.staleness,
+                                                [e for _, e in stats], fit_ok)
             probability = lambda _: schedule.rate(stale)  # noqa: E731
     do_refit, acc = refit_decision(count, state.refit_accumulator, fit_ok, k_draw,
                                    probability=probability, bernoulli=o.bernoulli_refit,

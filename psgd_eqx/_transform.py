@@ -59,7 +59,7 @@ class PSGDState(eqx.Module):
         last `update`'s RMS of P·m before clipping, whether it was clipped and the fit
         residual (see [`psgd_eqx.diagnostics`][]); else `None`.
     - `staleness`: with [`psgd_eqx.adaptive_refit_schedule`][], per bucket of leaves
-        (and the global group), the EMA of each leaf's fit ratio ‖P·x‖²/n that sets the
+        (and the global group) and axis, the EMA of each leaf's fit energies that sets the
         refit rate; else `None`.
     - `normaliser`: the (static) step-size normaliser configuration fixed at `init`.
     """
@@ -73,7 +73,7 @@ class PSGDState(eqx.Module):
     global_precond: AbstractPrecond | Array | None = None
     fit_accum: tuple[PyTree, Int[Array, ""]] | None = None
     diagnostics: PyTree | None = None
-    staleness: tuple[Float[Array, "..."], ...] | None = None
+    staleness: tuple | None = None
     normaliser: Normaliser = eqx.field(static=True, default=Normaliser())
 
     @property
@@ -200,9 +200,9 @@ def scale_by_psgd(o: Options) -> optax.GradientTransformationExtraArgs:
         staleness = None
         if adaptive:
             if isinstance(layout, LeafBuckets):
-                staleness = init_staleness(layout.groups, list(layout.stacks), gq is not None)
+                staleness = init_staleness(layout.groups, list(layout.stacks), gq)
             else:
-                staleness = init_staleness(Groups([]), [], gq is not None)
+                staleness = init_staleness(Groups([]), [], gq)
         return PSGDState(zero, as_key(o.key), mu, layout,
                          jnp.zeros([], jnp.float32), jnp.zeros([], jnp.int32), gq,
                          fit_accum, tracked, staleness, _normaliser(o))
