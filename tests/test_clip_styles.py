@@ -4,6 +4,7 @@ element bounds."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import psgd_eqx
@@ -47,3 +48,40 @@ def test_soft_style_bounds_every_element_and_ignores_the_rms_bound():
     assert not np.allclose(u_soft["w"], u_hard["w"])  # the styles differ
     with pytest.raises(ValueError, match="update_clip_style"):
         psgd_eqx.kron(lr, update_clip_style="hard")
+
+
+def test_global_norm_style_bounds_the_whole_update():
+    params = {"w": jnp.zeros((6, 4)), "b": jnp.zeros((4,))}
+    grads = {"w": 1e2 * jax.random.normal(jax.random.PRNGKey(0), (6, 4)),
+             "b": jnp.array([1e-4, -1e-4, 5.0, -5.0])}
+    common = dict(preconditioner_init_scale=1.0, b1=0.0)
+    free = psgd_eqx.scale_by_kron(grad_clip_max_amp=None, grad_clip_max_element=None, **common)
+    u_free, _ = free.update(grads, free.init(params), params)
+    norm_free = float(optax.tree.norm(u_free))
+    for bound in (0.5 * norm_free, 2.0 * norm_free):
+        opt = psgd_eqx.scale_by_kron(update_clip_style="global_norm",
+                                     update_global_norm_clip=bound, **common)
+        u, _ = opt.update(grads, opt.init(params), params)
+        if bound < norm_free:  # scaled as a whole: one factor for every leaf
+            np.testing.assert_allclose(float(optax.tree.norm(u)), bound, rtol=1e-5)
+            factor = bound / norm_free
+            for k in params:
+                np.testing.assert_allclose(u[k], factor * u_free[k], rtol=1e-5, atol=1e-7)
+        else:  # under the bound: untouched, even where the RMS bound (2) would have cut
+            for k in params:
+                np.testing.assert_allclose(u[k], u_free[k], rtol=1e-6)
+            assert float(jnp.sqrt(jnp.mean(u["w"] ** 2))) > 2.0
+
+
+def test_global_norm_style_needs_its_bound_and_the_aliases_select_it():
+    with pytest.raises(ValueError, match="update_global_norm_clip"):
+        psgd_eqx.kron(1e-3, update_clip_style="global_norm")
+    with pytest.raises(ValueError, match="cannot be combined"):
+        psgd_eqx.xmat(1e-3, update_global_norm_clip=1.0, update_clip_style="soft")
+    params = {"w": jnp.zeros((5, 3))}
+    grads = {"w": 1e3 * jnp.ones((5, 3))}
+    # psgd_jax's option: the update's global norm is lr · bound at most, and the per-tensor
+    # RMS bound no longer applies (psgd_jax's xmat had none)
+    opt = psgd_eqx.xmat(0.1, update_global_norm_clip=3.0, preconditioner_init_scale=1.0)
+    u, _ = opt.update(grads, opt.init(params), params)
+    np.testing.assert_allclose(float(optax.tree.norm(u)), 0.1 * 3.0, rtol=1e-5)
