@@ -58,3 +58,17 @@ def test_quickstart(tmp_path, monkeypatch):
     assert losses[-5:].mean() < 0.92 * losses[:5].mean(), (losses[:5], losses[-5:])
     assert adam["test_acc"] >= 0.8, adam["test_acc"]
     assert adam["final_loss"] < 0.5 * adam["initial_loss"]
+
+
+def test_diagnostics_example(tmp_path):
+    diagnostics = _load("diagnostics")
+    results = diagnostics.main(steps=12, out_dir=str(tmp_path), progress=False,
+                               settings=("defaults",))
+    assert (tmp_path / "diagnostics_defaults.png").stat().st_size > 0
+    run = results["defaults"]
+    assert run["steps"][0] == 1 and run["steps"][-1] == 12
+    last = run["snapshots"][-1]
+    assert set(last) == {f".layers[{i}].{k}" for i in range(3) for k in ("weight", "bias")}
+    assert all(leaf.update_rms is not None for leaf in last.values())
+    assert int(next(iter(last.values())).refits) == 12  # the anneal refits every step here
+    assert run["test_acc"] > 0.2  # it learns something in 12 steps (chance: 0.1)
