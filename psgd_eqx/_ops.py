@@ -9,6 +9,8 @@ Which sizes get a kernel under `"auto"` comes from measurements
 `EQ` update beats XLA, and only for large factors, so that is the only op dispatched so far.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
@@ -26,6 +28,72 @@ def check_use_kernels(value) -> None:
         raise ValueError(f"`use_kernels` must be one of {USE_KERNELS}; got {value!r}.")
 
 
+def _eq_reference(q, t1, t2, eta):
+    # batched over leading axes (a stack arrives here whole, see `_eq_dispatch`)
+    eta = jnp.asarray(eta)
+    return q - eta[..., None, None].astype(q.dtype) * (jnp.triu(t1 - t2) @ q)
+
+
+@functools.cache
+def _eq_dispatch(use_kernels, batch: int):
+    """The `EQ` step for `batch` stacked factors (arrays with `batch`'s axes in front),
+    dispatched by platform and measured thresholds for that stack size.
+
+    Stack-aware: under `vmap` (a scanned stack, a bucket of leaves, blocks) the
+    `custom_vmap` rule hands the whole stack to the dispatch of `batch · axis_size`, so
+    the decision sees the stack it runs on (nested `vmap`s multiply) and the kernel gets
+    the stack as one launch. A `custom_jvp` outside keeps it differentiable in both modes
+    (the tangent is the reference's; `custom_vmap` alone supports forward mode only).
+    """
+
+    @jax.custom_jvp
+    def step(q, t1, t2, eta):
+        return stacked(q, t1, t2, eta)
+
+    @step.defjvp
+    def _jvp(primals, tangents):
+        return jax.jvp(_eq_reference, primals, tangents)
+
+    @custom_vmap
+    def stacked(q, t1, t2, eta):
+        return _eq_by_platform(q, t1, t2, eta, use_kernels, batch)
+
+    @stacked.def_vmap
+    def _rule(axis_size, in_batched, q, t1, t2, eta):
+        args = [x if b else jnp.broadcast_to(x, (axis_size, *jnp.shape(x)))
+                for x, b in zip((q, t1, t2, eta), in_batched)]
+        return _eq_dispatch(use_kernels, batch * axis_size)(*args), True
+
+    return step
+
+
+def _eq_by_platform(q, t1, t2, eta, use_kernels, batch: int):
+    n = q.shape[-1]
+    on_gpu = use_kernels is True or kernels.should_use_kernel("eq_factor_update", n, batch,
+                                                              "gpu")
+    on_tpu = use_kernels is True
+    if not (on_gpu or on_tpu):
+        return _eq_reference(q, t1, t2, eta)
+
+    def flat(backend):  # the kernel takes one stack axis: the whole stack is one launch
+        def run(q, t1, t2, eta):
+            lead = q.shape[:-2]
+            if len(lead) <= 1:
+                return kernels.eq_factor_update(q, t1, t2, eta, backend=backend)
+            mats = [x.reshape(-1, n, n) for x in (q, t1, t2)]
+            out = kernels.eq_factor_update(*mats, eta.reshape(-1), backend=backend)
+            return out.reshape(q.shape)
+        return run
+
+    gpu, tpu = flat("gpu"), flat("tpu")
+    branches = {}
+    if on_gpu:
+        branches["cuda"] = gpu
+    if on_tpu:
+        branches["tpu"] = tpu
+    return jax.lax.platform_dependent(q, t1, t2, eta, default=_eq_reference, **branches)
+
+
 def eq_triangular_step(q: Array, e_terms: tuple[Array, Array], eta: Array, use_kernels) -> Array:
     """Q − η·triu(T₁ − T₂)·Q for one factor (the triangular `EQ` rule).
 
@@ -35,39 +103,19 @@ def eq_triangular_step(q: Array, e_terms: tuple[Array, Array], eta: Array, use_k
     - `e_terms`: the statistics `(T₁, T₂)` as `(n, n)` matrices.
     - `eta`: the normalised step, a real scalar.
     - `use_kernels`: `False` (reference), `True` (kernel on GPU/TPU, reference on CPU),
-        `"auto"` (kernel on GPU where measured faster), `"interpret"` (the kernel in the
-        Pallas interpreter on any platform: tests).
+        `"auto"` (kernel on GPU where measured faster for the stack size it runs on: see
+        `_eq_dispatch`), `"interpret"` (the kernel in the Pallas interpreter on any
+        platform: tests).
 
     **Returns:** the updated factor.
     """
     t1, t2 = e_terms
-
-    def reference(q, t1, t2, eta):
-        return q - eta * (jnp.triu(t1 - t2) @ q)
-
     # the kernels are real-valued and take f32/bf16
     if use_kernels is False or jnp.iscomplexobj(q) or q.dtype not in (jnp.float32, jnp.bfloat16):
-        return reference(q, t1, t2, eta)
+        return _eq_reference(q, t1, t2, eta)
     if use_kernels == "interpret":
         return kernels.eq_factor_update(q, t1, t2, eta, interpret=True)
-    n = q.shape[-1]
-    on_gpu = use_kernels is True or kernels.should_use_kernel("eq_factor_update", n, 1, "gpu")
-    on_tpu = use_kernels is True
-
-    def gpu(q, t1, t2, eta):
-        return kernels.eq_factor_update(q, t1, t2, eta, backend="gpu")
-
-    def tpu(q, t1, t2, eta):
-        return kernels.eq_factor_update(q, t1, t2, eta, backend="tpu")
-
-    if not (on_gpu or on_tpu):
-        return reference(q, t1, t2, eta)
-    branches = {}
-    if on_gpu:
-        branches["cuda"] = gpu
-    if on_tpu:
-        branches["tpu"] = tpu
-    return jax.lax.platform_dependent(q, t1, t2, eta, default=reference, **branches)
+    return _eq_dispatch(use_kernels, 1)(q, t1, t2, jnp.asarray(eta))
 
 
 def _solve_upper_h(q, b):

@@ -191,3 +191,57 @@ def test_solve_upper_h_gradients_match_the_solver():
     got = jax.jvp(solve_upper_h, (q, b[0]), (q, b[0]))[1]
     np.testing.assert_allclose(got, jax.jvp(solve, (q, b[0]), (q, b[0]))[1], rtol=1e-4,
                                atol=1e-5)
+
+
+def test_eq_dispatch_sees_the_stack_size(monkeypatch):
+    """Under `vmap` the kernel decision is asked with the stack's size (nested `vmap`s
+    multiply), the result equals the reference, and both differentiation modes work."""
+    from psgd_eqx import _ops
+
+    asked = []
+
+    def record(op, n, batch, backend="gpu"):  # "the kernel pays from a stack of 8 on"
+        asked.append((op, n, batch))
+        return batch >= 8
+
+    monkeypatch.setattr(_ops.kernels, "should_use_kernel", record)
+    _ops._eq_dispatch.cache_clear()
+    n = 6
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    eye = jnp.broadcast_to(3.0 * jnp.eye(n), (2, 4, n, n))
+    q = jnp.triu(jax.random.normal(keys[0], (2, 4, n, n))) + eye
+    t1 = jax.random.normal(keys[1], (2, 4, n, n))
+    t2 = jax.random.normal(keys[2], (2, 4, n, n))
+    eta = jnp.full((2, 4), 0.1, jnp.float32)
+
+    def one(q, t1, t2, eta):
+        return _ops.eq_triangular_step(q, (t1, t2), eta, "auto")
+
+    def dispatches_by_platform(fn, *args):  # a kernel branch was compiled in
+        return "platform_index" in str(jax.make_jaxpr(fn)(*args))
+
+    nested = jax.vmap(jax.vmap(one))
+    assert dispatches_by_platform(nested, q, t1, t2, eta)
+    assert ("eq_factor_update", n, 8) in asked  # the stack of 2 × 4
+    assert not dispatches_by_platform(jax.vmap(one), q[0], t1[0], t2[0], eta[0])  # 4 < 8
+    assert not dispatches_by_platform(one, q[0, 0], t1[0, 0], t2[0, 0], eta[0, 0])
+    out = nested(q, t1, t2, eta)  # on CPU the reference runs either way
+    want = q - 0.1 * (jnp.triu(t1 - t2) @ q)
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+    one_factor = one(q[0, 0], t1[0, 0], t2[0, 0], eta[0, 0])
+    np.testing.assert_allclose(one_factor, want[0, 0], rtol=1e-6, atol=1e-6)
+    # an unbatched eta (one step size for the stack) is broadcast
+    shared = jax.vmap(one, in_axes=(0, 0, 0, None))(q[0], t1[0], t2[0], jnp.float32(0.1))
+    np.testing.assert_allclose(shared, want[0], rtol=1e-6, atol=1e-6)
+
+    def loss(q):
+        return jnp.sum(jax.vmap(jax.vmap(one))(q, t1, t2, eta) ** 2)
+
+    def loss_ref(q):
+        return jnp.sum((q - 0.1 * (jnp.triu(t1 - t2) @ q)) ** 2)
+
+    np.testing.assert_allclose(jax.grad(loss)(q), jax.grad(loss_ref)(q), rtol=1e-5, atol=1e-5)
+    tangent = jnp.ones_like(q)
+    np.testing.assert_allclose(jax.jvp(loss, (q,), (tangent,))[1],
+                               jax.jvp(loss_ref, (q,), (tangent,))[1], rtol=1e-5)
+    _ops._eq_dispatch.cache_clear()

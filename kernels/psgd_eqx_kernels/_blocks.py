@@ -222,8 +222,9 @@ def should_use_kernel(op: str, n: int, batch: int, backend: str = "gpu") -> bool
     A lookup in a table of measurements (`KERNEL_MIN_N`, H100 only so far); the nearest
     measured stack size at or below `batch` is used. TPU has not been measured: `False`.
     `psgd_eqx`'s optimizers consult it only for `"eq_factor_update"` under
-    `use_kernels="auto"`, one factor at a time (`batch=1`); the other two ops are never
-    faster in the table and are not dispatched.
+    `use_kernels="auto"`, with the size of the stack the update runs on (a scanned stack,
+    a bucket of same-shape leaves, blocks: the product of the enclosing `vmap`s); the
+    other two ops are never faster in the table and are not dispatched.
 
     **Arguments:**
 
