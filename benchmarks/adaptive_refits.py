@@ -2,8 +2,10 @@
 
 Schedules (`preconditioner_update_probability` of `psgd_eqx.kron`, everything else at its
 default): `p=1`, psgd_jax's anneal `precond_update_prob_schedule()` (kron's default),
-`p=0.1`, and `adaptive_refit_schedule()` (defaults: floor 0.03, ceiling 1, tolerance
-0.5, β 0.9), which refits at a rate set by how far P is from fitting the recent inputs.
+`p=0.1`, and `adaptive_refit_schedule(tolerance=...)` (floor 0.03, ceiling 1, β 0.9;
+`--tolerances`, 0.5 is the default), which refits at a rate set by how far P is from
+fitting the recent inputs; after each adaptive run, a fixed probability that spends the
+same number of refits (the comparison at equal refit cost).
 
 Problems:
 
@@ -55,7 +57,6 @@ SCHEDULES = {
     "p=1": 1.0,
     "anneal (default)": psgd_eqx.precond_update_prob_schedule(),
     "p=0.1": 0.1,
-    "adaptive": psgd_eqx.adaptive_refit_schedule(),
 }
 
 
@@ -159,9 +160,16 @@ def primary(pb: Problem, losses, evals) -> np.ndarray:
     return np.mean([losses[:, e - pb.window:e].mean(axis=1) for e in ends], axis=0)
 
 
-def run(pb: Problem) -> list[dict]:
+def run(pb: Problem, tolerances: list[float]) -> list[dict]:
+    """Every schedule, then for each adaptive one a fixed probability with the same
+    number of refits (the comparison at equal refit cost)."""
     rows = []
-    for name, schedule in SCHEDULES.items():
+    schedules = {k: v for k, v in SCHEDULES.items() if k != "adaptive"}
+    for tol in tolerances:
+        schedules[f"adaptive tol {tol:g}"] = psgd_eqx.adaptive_refit_schedule(tolerance=tol)
+    pending = list(schedules.items())
+    while pending:
+        name, schedule = pending.pop(0)
         losses, evals, refits, grid, secs = train(pb, schedule, pb.lrs, pb.seeds)
         metric = primary(pb, losses, evals)
         lrs = np.asarray([g[0] for g in grid])
@@ -175,6 +183,9 @@ def run(pb: Problem) -> list[dict]:
         for j, e in enumerate(pb.eval_names):
             row[e] = float(evals[sel, j].mean())
         rows.append(row)
+        if name.startswith("adaptive"):  # the fixed rate that spends as many refits
+            rate = round(min(1.0, row["refits"] / pb.steps), 3)
+            pending.insert(0, (f"p={rate:g} (= refits of {name})", rate))
         print(f"  {pb.name:>9} {name:>16}: lr {best:g}  {pb.primary} {row['metric']:.4g} "
               f"± {row['spread']:.2g}  refits {row['refits']:.0f}/{pb.steps}  ({secs:.0f} s)",
               flush=True)
@@ -201,6 +212,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="rotating,quadratic,digits")
     ap.add_argument("--omega", type=float, default=2e-3)
+    ap.add_argument("--tolerances", default="0.5,1,2",
+                    help="tolerances of the adaptive schedules compared (0.5 = default)")
     args = ap.parse_args(argv)
     makers = {"rotating": lambda: rotating_problem(args.quick, args.omega),
               "quadratic": lambda: _wrap(quadratic_problem(args.quick)),
@@ -209,7 +222,7 @@ def main(argv=None):
     for name in args.only.split(","):
         pb = makers[name]()
         print(f"== {pb.title}", flush=True)
-        results[name] = (pb, run(pb))
+        results[name] = (pb, run(pb, [float(t) for t in args.tolerances.split(",")]))
     print()
     print(report(results))
 

@@ -573,7 +573,8 @@ KRON: tuple[Option, ...] = (
     _t("owner_axes"),
     Option("use_kernels", "auto",
            "Pallas kernels for the `EQ` factor update (the only op dispatched so far): "
-           "`\"auto\"` (on GPU where measured faster than XLA), `True` (on GPU/TPU "
+           "`\"auto\"` (on GPU where measured faster than XLA for the factor size and the "
+           "size of the stack it is updated in), `True` (on GPU/TPU "
            "whenever the geometry is `EQ`), `False` (never), `\"interpret\"` (the Pallas "
            "interpreter on any platform, for tests). No kernel runs with the default `PRO` "
            "geometry.", one_of(*USE_KERNELS)),
