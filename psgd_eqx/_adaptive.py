@@ -100,10 +100,13 @@ def _leaf_axes(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def init_staleness(groups: Groups, stacks: list, global_q) -> tuple:
-    """`PSGDState.staleness` at `init`: per bucket (then the global group, if any), per
-    axis of its leaves, an EMA of the fit energies starting at 1 (fitted), with the
-    bucket's stack rows and a scanned stack's layers in front; `()` for a bucket without
-    a preconditioner of its own."""
+    """`PSGDState.staleness` at `init`: `(1 − βᵗ, EMAs)` (t the number of measurements;
+    the EMAs of ones would read it), the EMAs per
+    bucket (then the global group, if any) and per axis of its leaves, with the bucket's
+    stack rows and a scanned stack's layers in front (`()` for a bucket without a
+    preconditioner of its own). They start at 0 and are read bias-corrected, as Adam's
+    moments, so the first measurements count in full: an EMA started at "fitted" would
+    hide a preconditioner that starts too small for many steps."""
     def one(g, q):
         if not isinstance(q, AbstractPrecond):
             return ()
@@ -112,17 +115,24 @@ def init_staleness(groups: Groups, stacks: list, global_q) -> tuple:
             rows, shape = rows + q.shape[:1], q.shape[1:]
         else:
             shape = q.shape
-        return tuple(jnp.ones(rows + (n,), jnp.float32) for n in _leaf_axes(shape))
+        return tuple(jnp.zeros(rows + (n,), jnp.float32) for n in _leaf_axes(shape))
 
     out = [one(g, q) for g, q in enumerate(stacks)]
     if isinstance(global_q, AbstractPrecond):  # over the flattened members: one axis
-        out.append(tuple(jnp.ones((n,), jnp.float32) for n in _leaf_axes(global_q.shape)))
-    return tuple(out)
+        out.append(tuple(jnp.zeros((n,), jnp.float32) for n in _leaf_axes(global_q.shape)))
+    return jnp.zeros((), jnp.float32), tuple(out)
 
 
-def leaf_staleness(ema: tuple[Array, ...]) -> Array:
-    """One leaf's (per layer) mean |log EMA(energy)| over its axes and indices."""
-    return sum(jnp.mean(jnp.abs(jnp.log(e)), axis=-1) for e in ema) / len(ema)
+def leaf_staleness(ema: tuple[Array, ...], debias: Array) -> Array:
+    """One leaf's (per layer) mean |log EMA(energy)| over its axes and indices, the EMAs
+    divided by `debias` = 1 − βᵗ (0 before any measurement)."""
+    if not ema:
+        return jnp.zeros((), jnp.float32)
+    tiny = jnp.finfo(jnp.float32).tiny
+    safe = jnp.where(debias > 0, debias, 1.0)
+    per_axis = [jnp.mean(jnp.abs(jnp.log(jnp.maximum(
+        jnp.where(debias > 0, e / safe, 1.0), tiny))), axis=-1) for e in ema]
+    return sum(per_axis) / len(per_axis)
 
 
 def update_staleness(
@@ -132,25 +142,30 @@ def update_staleness(
     energies: list,
     ok: Bool[Array, ""],
 ) -> tuple[tuple, Float[Array, ""]]:
-    """The EMAs after this step's fit energies (kept as they were on a step with
-    non-finite inputs), and the staleness S: the mean over every leaf with a
-    preconditioner (each layer of a scanned stack counts; the inert rows that pad an
-    owner-computes stack do not) of its `leaf_staleness`.
+    """The state after this step's fit energies (unchanged on a step with non-finite
+    inputs), and the staleness S: the mean over every leaf with a preconditioner (each
+    layer of a scanned stack counts; the inert rows that pad an owner-computes stack do
+    not) of its `leaf_staleness`.
 
     `energies` has one entry per bucket (a tuple per axis, `()` without a preconditioner),
     then the global group's if there is one.
     """
-    def ema(e, x):
-        return jnp.where(ok & jnp.all(jnp.isfinite(x)),
-                         schedule.beta * e + (1.0 - schedule.beta) * x, e)
+    debias, emas = old
+    good = ok & jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for xs in energies
+                                     for x in xs] or [True]))
 
-    new = tuple(tuple(ema(e, x) for e, x in zip(es, xs)) for es, xs in zip(old, energies))
+    def ema(e, x):
+        return jnp.where(good, schedule.beta * e + (1.0 - schedule.beta) * x, e)
+
+    new = tuple(tuple(ema(e, x) for e, x in zip(es, xs)) for es, xs in zip(emas, energies))
+    # 1 − βᵗ after one more measurement is β·(1 − βᵗ⁻¹) + (1 − β): the EMA of ones
+    debias = jnp.where(good, schedule.beta * debias + (1.0 - schedule.beta), debias)
     total, count = jnp.zeros((), jnp.float32), 0
     for g, es in enumerate(new):
         if not es:
             continue
-        per_leaf = leaf_staleness(es)
+        per_leaf = leaf_staleness(es, debias)
         if g < len(groups.index) and groups.stacked(g):
             per_leaf = per_leaf[:len(groups.index[g])]
         total, count = total + jnp.sum(per_leaf), count + per_leaf.size
-    return new, total / max(count, 1)
+    return (debias, new), total / max(count, 1)

@@ -70,16 +70,17 @@ def _report(st: PSGDState) -> dict[str, LeafDiagnostics]:
                else layout.treedef.flatten_up_to(st.diagnostics))
     stale = [None] * len(qs)
     if st.staleness is not None:
+        debias, emas = st.staleness
         n_groups = len(layout.index)
-        per_leaf = layout.groups.unstack(list(st.staleness[:n_groups]))
-        glob = st.staleness[n_groups] if len(st.staleness) > n_groups else None
-        stale = [leaf_staleness(e) if e else None for e in per_leaf]
+        per_leaf = layout.groups.unstack(list(emas[:n_groups]))
+        glob = emas[n_groups] if len(emas) > n_groups else None
+        stale = [leaf_staleness(e, debias) if e else None for e in per_leaf]
     out = {}
     for i, q in enumerate(qs):
         if _global.is_slot(q):
             q = st.global_precond
             if st.staleness is not None:
-                stale[i] = leaf_staleness(glob)
+                stale[i] = leaf_staleness(glob, debias)
         entry = leaf_diagnostics(q, st.refits, tracked[i], stale[i])
         if entry is not None:
             out[paths[i]] = entry

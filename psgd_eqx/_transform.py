@@ -58,9 +58,9 @@ class PSGDState(eqx.Module):
     - `diagnostics`: with `track_diagnostics=True`, per leaf (a tree like the params) the
         last `update`'s RMS of P·m before clipping, whether it was clipped and the fit
         residual (see [`psgd_eqx.diagnostics`][]); else `None`.
-    - `staleness`: with [`psgd_eqx.adaptive_refit_schedule`][], per bucket of leaves
-        (and the global group) and axis, the EMA of each leaf's fit energies that sets the
-        refit rate; else `None`.
+    - `staleness`: with [`psgd_eqx.adaptive_refit_schedule`][], `(1 − βᵗ, EMAs)`: per
+        bucket of leaves (and the global group) and axis, the EMA of each leaf's fit
+        energies that sets the refit rate, and its bias correction; else `None`.
     - `normaliser`: the (static) step-size normaliser configuration fixed at `init`.
     """
 

@@ -145,7 +145,7 @@ def test_owner_padding_and_buckets_do_not_count():
     opt = psgd_eqx.kron(1e-2, preconditioner_update_probability=psgd_eqx.adaptive_refit_schedule())
     state = opt.init(params)
     # per bucket, per axis: (members, axis length)
-    assert [[e.shape for e in es] for es in state[0].staleness] == [[(3, 6), (3, 4)]]
+    assert [[e.shape for e in es] for es in state[0].staleness[1]] == [[(3, 6), (3, 4)]]
 
 
 @pytest.mark.parametrize("kwargs, match", [
