@@ -3,6 +3,7 @@
 Run with
 
     pip install -e ".[examples]" && python examples/delayed_xor.py [--steps N] [--out FILE]
+        [--optimizers NAME ...] [--seq-len T]
 
 The JAX counterpart of the reference's `rnn_xor_problem_general_purpose_preconditioner.py`
 (github.com/lixilinx/psgd_torch), the delayed-XOR problem of the LSTM paper. Each sample is
@@ -25,9 +26,10 @@ initialisation and the stream of minibatches, the same for every optimizer and l
 - `kron`: `psgd_eqx.kron` whitening the gradient, with the reference's `KronWhiten`
   settings (preconditioner lr 0.01, initial scale 1, refit every step, no momentum);
 - `adam`: `optax.adam`;
-- `kron_newton` (not in the default sweep; `--newton` adds it): the same Kron
-  preconditioner fitted on Hessian-vector products from `psgd_eqx.hessian_helper` (the
-  Newton-type fit of the reference's LSTM version of this demo); about 3× the cost per step.
+- `kron_newton` (not in the default sweep: `--optimizers kron adam kron_newton`): the same
+  Kron preconditioner fitted on Hessian-vector products from `psgd_eqx.hessian_helper` (the
+  Newton-type fit of the reference's LSTM version of this demo), several times the cost of
+  a whitening step.
 
 All the (lr, seed) runs of one optimizer advance together, `vmap`ped, in compiled chunks of
 `jax.lax.scan` steps (the minibatches are drawn inside the scan). The script prints the
@@ -265,8 +267,8 @@ def plot(curves: dict, out: str, seq_len: int = SEQ_LEN) -> None:
                 linewidth=1.2,
                 label=label if j == 0 else None,
             )
-    ax.axhline(math.log(2.0), color="grey", linestyle=":", linewidth=0.8)
-    ax.axhline(TARGET, color="grey", linestyle="--", linewidth=0.8)
+    ax.axhline(math.log(2.0), color="grey", linestyle=":", linewidth=0.8, label="ln 2 (chance)")
+    ax.axhline(TARGET, color="grey", linestyle="--", linewidth=0.8, label=f"{TARGET} (solved)")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel(f"minibatch loss ({window}-step mean)")
@@ -312,23 +314,27 @@ def main(
             "sweep": summaries,
         }
 
-    print(f"delayed XOR, sequence length {seq_len}, {steps} steps, seeds {tuple(seeds)}")
-    print(f"{'optimizer':>11}  {'lr':>7}  {'final loss':>10}  {'step to loss < 0.1':>20}")
-    for name, r in results.items():
-        for lr, s in r["sweep"].items():
-            hits = ", ".join("never" if h is None else str(h) for h in s["first_below"])
-            print(f"{name:>11}  {lr:>7g}  {s['final_loss']:>10.4f}  {hits:>20}")
-    print("best lr per optimizer:")
-    print(
-        f"{'optimizer':>11}  {'best lr':>7}  {'final loss':>10}  {'step to loss < 0.1':>20}"
-        f"  {'solved':>6}  {'time (s)':>8}"
-    )
-    for name, r in results.items():
-        hits = ", ".join("never" if h is None else str(h) for h in r["first_below"])
-        print(
-            f"{name:>11}  {r['best_lr']:>7g}  {r['final_loss']:>10.4f}  {hits:>20}  "
-            f"{r['solved']:>3}/{len(seeds):<2}  {r['seconds']:>8.1f}"
+    def row(name, lr, summary):
+        per_seed = ", ".join(f"{v:.4f}" for v in summary["final_loss_per_seed"])
+        hits = ", ".join("never" if h is None else str(h) for h in summary["first_below"])
+        return (
+            f"{name:>11}  {lr:>7g}  {summary['final_loss']:>10.4f}  {per_seed:>16}  "
+            f"{hits:>14}  {summary['solved']:>3}/{len(seeds):<2}"
         )
+
+    header = (
+        f"{'optimizer':>11}  {'lr':>7}  {'final loss':>10}  {'per seed':>16}  "
+        f"{'step loss<0.1':>14}  {'solved':>6}"
+    )
+    print(f"delayed XOR, sequence length {seq_len}, {steps} steps, seeds {tuple(seeds)}")
+    print(header)
+    for name, r in results.items():
+        for lr, summary in r["sweep"].items():
+            print(row(name, lr, summary))
+    print("best lr per optimizer:")
+    print(f"{header}  {'time (s)':>8}")
+    for name, r in results.items():
+        print(f"{row(name, r['best_lr'], r)}  {r['seconds']:>8.1f}")
     if out is not None:
         plot(
             {f"{name} (lr {r['best_lr']:g})": r["losses"] for name, r in results.items()},
@@ -344,11 +350,20 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=6000, help="steps per run (6000)")
     parser.add_argument("--out", default="delayed_xor.png", help="where to save the PNG")
     parser.add_argument(
-        "--newton", action="store_true", help="also sweep kron with the Newton-type fit"
+        "--optimizers",
+        nargs="+",
+        choices=("kron", "adam", "kron_newton"),
+        default=list(LRS),
+        help="the optimizers to sweep (kron adam)",
+    )
+    parser.add_argument(
+        "--seq-len", type=int, default=SEQ_LEN, help=f"sequence length ({SEQ_LEN})"
     )
     args = parser.parse_args()
+    all_lrs = {**LRS, "kron_newton": NEWTON_LRS}
     main(
         steps=args.steps,
         out=args.out,
-        lrs={**LRS, "kron_newton": NEWTON_LRS} if args.newton else LRS,
+        lrs={name: all_lrs[name] for name in args.optimizers},
+        seq_len=args.seq_len,
     )

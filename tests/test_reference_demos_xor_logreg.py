@@ -97,8 +97,8 @@ def test_delayed_xor_smoke(delayed_xor, tmp_path):
     assert r["final_loss"] == pytest.approx(np.mean(losses[0, -delayed_xor.FINAL_WINDOW :]))
     # Untrained, the read-out is near 0: the loss starts at about ln 2.
     assert abs(losses[0, 0] - math.log(2.0)) < 0.05, losses[0, 0]
-    # It learns. Measured (seed 0, CPU): 0.697 at step 0, last-100 mean 0.42 (the first
-    # 100: 0.69).
+    # It learns. Measured (seed 0, CPU): 0.697 at step 0, first-100 mean 0.693, last-100
+    # mean 0.424.
     assert r["final_loss"] < 0.6, r["final_loss"]
     assert r["final_loss"] < 0.8 * np.mean(losses[0, :100])
 
@@ -136,8 +136,9 @@ def test_pairwise_logistic_smoke(pairwise_logistic, tmp_path):
     assert results["lbfgs"]["best_lr"] is None and results["lbfgs"]["evals"] > steps
     # The best run reaches f_min, so its first step within 10 % of it exists.
     assert results["lbfgs"]["step_within_10pct"] is not None
-    # Both learn. Measured (20 steps, split 0, CPU): kron 2.303 -> 0.312 (test accuracy
-    # 0.944), L-BFGS -> 0.0012 (0.980; it converges in a few dozen steps on this problem).
+    # Both learn. Measured (20 steps, split 0, CPU): kron 2.303 -> 0.312, decreasing at
+    # every step (test accuracy 0.944); L-BFGS -> 0.00123 (0.980, 21 gradient evaluations;
+    # it converges in a few dozen steps on this problem).
     assert results["kron"]["final_loss"] < 0.6
     assert np.all(np.diff(results["kron"]["losses"][:10]) < 0)
     assert results["lbfgs"]["final_loss"] < 0.01
@@ -152,24 +153,30 @@ def test_pairwise_features(pairwise_logistic):
 
 @pytest.mark.slow
 def test_delayed_xor_claim(delayed_xor_full):
-    # The default problem (length 32), the best lr of each optimizer only, 2 seeds.
-    # Measured (6000 steps, CPU): kron lr 1e-3 solves both seeds (20-step mean < 0.1 at
-    # steps 3288 and 2478, last-100 mean ≤ 0.004); adam lr 3e-4 stays near ln 2 (0.69, and
-    # one seed only starting to move at the very end).
+    # The default problem (length 32, 6000 steps, seeds 0 and 1), each optimizer at the
+    # best lr of the demo's sweep. Measured (CPU): kron lr 1e-3 solves both seeds
+    # (20-step mean < 0.1 at steps 3241 and 2461; last-100 means 0.0020, 0.00005; in the
+    # demo's vmapped sweep, 3288 and 2478); adam lr 3e-4 solves neither (last-100 means
+    # 0.6929 and 0.3312: seed 1 only leaves the ln 2 plateau after step ~5,500).
     results = delayed_xor_full.main(
         steps=6000, out=None, progress=False, lrs={"kron": (1e-3,), "adam": (3e-4,)}
     )
     kron, adam = results["kron"], results["adam"]
     assert kron["solved"] == 2, kron["first_below"]
-    assert kron["final_loss"] < 0.1, kron["final_loss_per_seed"]
+    assert max(kron["final_loss_per_seed"]) < 0.05, kron["final_loss_per_seed"]
+    assert all(h < 4500 for h in kron["first_below"]), kron["first_below"]
     assert adam["solved"] == 0, adam["first_below"]
-    assert min(adam["final_loss_per_seed"]) >= 0.5, adam["final_loss_per_seed"]
+    assert adam["final_loss"] > 0.4, adam["final_loss_per_seed"]
+    assert max(adam["final_loss_per_seed"]) > 0.65, adam["final_loss_per_seed"]
 
 
 @pytest.mark.slow
 def test_pairwise_logistic_claim(pairwise_logistic_full):
-    # Measured (200 steps, split 0, CPU): f_min ≈ 1.004e-3 (L-BFGS); kron lr 1e-3 1.098e-3,
-    # kron_newton lr 0.1 1.047e-3, adam lr 3e-3 2.146e-3.
+    # The default run (200 full-batch steps, split 0), each optimizer at the best lr of the
+    # demo's sweep. Measured (CPU): final objective kron 1.0897e-3, kron_newton 1.0465e-3,
+    # adam 2.1458e-3, L-BFGS 1.0037e-3; test accuracy 0.9822, 0.9822, 0.9711, 0.9844 (in
+    # the demo's sweep kron's lr-1e-3 run gives 1.0976e-3 and 0.9800: vmapping it with
+    # other lrs changes the rounding).
     results = pairwise_logistic_full.main(
         steps=200,
         out=None,
@@ -177,6 +184,11 @@ def test_pairwise_logistic_claim(pairwise_logistic_full):
         lrs={"kron": (1e-3,), "kron_newton": (0.1,), "adam": (3e-3,)},
     )
     adam = results["adam"]["final_loss"]
-    for name in ("kron", "kron_newton", "lbfgs"):
-        assert results[name]["final_loss"] < 0.6 * adam, (name, results[name]["final_loss"])
+    # Both PSGD variants ahead of Adam, and within 15 % of L-BFGS (which wins this
+    # deterministic full-batch problem).
+    lbfgs = results["lbfgs"]["final_loss"]
+    for name in ("kron", "kron_newton"):
+        final = results[name]["final_loss"]
+        assert final < 0.6 * adam and final < 1.15 * lbfgs, (name, final, adam, lbfgs)
         assert results[name]["test_acc"] >= 0.97, (name, results[name]["test_acc"])
+    assert lbfgs < 1.05 * min(r["final_loss"] for r in results.values())
