@@ -3,7 +3,8 @@
 XLA reads `--xla_force_host_platform_device_count` when its CPU backend starts, which has
 already happened in the pytest process; so the test runs this script with the flag set and
 reads the JSON it prints. Run by hand:
-`XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding_worker.py`.
+`XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharding_worker.py
+[fsdp] [fsdp_tp] [memory]` (the parts to run; all three by default).
 """
 
 import json
@@ -168,11 +169,14 @@ def main():
     kt, ky = jax.random.split(jax.random.PRNGKey(1))
     batch = (jax.random.randint(kt, (64,), 0, 1024), jax.random.randint(ky, (64,), 0, 32))
 
+    parts = set(sys.argv[1:]) or {"fsdp", "fsdp_tp", "memory"}
     meshes = {
-        "fsdp": jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,)),
-        "fsdp_tp": jax.make_mesh((4, 2), ("fsdp", "tp"), axis_types=(AxisType.Auto,) * 2),
+        "fsdp": lambda: jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,)),
+        "fsdp_tp": lambda: jax.make_mesh((4, 2), ("fsdp", "tp"),
+                                         axis_types=(AxisType.Auto,) * 2),
     }
-    ref_p, ref_s = run(params, batch, kron_kwargs(None))
+    meshes = {name: make() for name, make in meshes.items() if name in parts}
+    ref_p, ref_s = run(params, batch, kron_kwargs(None)) if meshes else (None, None)
     for name, mesh in meshes.items():
         pspecs = fsdp_specs(params, mesh) if name == "fsdp" else fsdp_tp_specs(params)
         p, s = run(params, batch, kron_kwargs(pspecs), mesh)
@@ -191,7 +195,7 @@ def main():
         }
 
     memory = {}
-    for n in (1, 2, 4, 8):
+    for n in (1, 2, 4, 8) if "memory" in parts else ():
         mesh = jax.make_mesh((n,), ("fsdp",), axis_types=(AxisType.Auto,),
                              devices=jax.devices()[:n])
         kw = kron_kwargs(fsdp_specs(params, mesh))

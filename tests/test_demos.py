@@ -58,7 +58,8 @@ def test_rosenbrock_10d_dense_newton(rosenbrock):
 
 @pytest.mark.parametrize(
     "method, steps, within, final",
-    [("lra", CP_STEPS, 450, 1e-9), ("kron", CP_STEPS, 650, 1e-8)],
+    [pytest.param("lra", CP_STEPS, 450, 1e-9, marks=pytest.mark.slow),
+     ("kron", CP_STEPS, 650, 1e-8)],
 )
 def test_cp_decomposition_newton(tensor_decomposition, method, steps, within, final):
     for seed in SEEDS:

@@ -147,6 +147,7 @@ def test_non_finite_step_keeps_the_last_figures():
                                           getattr(before[name], field))
 
 
+@pytest.mark.slow  # eight optimizers to build: default-suite time budget
 def test_every_structure_reports_and_runs_under_jit():
     params = {"w": jax.random.normal(jax.random.PRNGKey(0), (6, 5)), "b": jnp.ones(5)}
     g = jax.tree.map(lambda p: 0.1 * jnp.cos(p), params)

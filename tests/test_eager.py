@@ -96,8 +96,9 @@ def test_readme_hessian_helper_example_compiles_once():
     assert float(loss_val) < 1e-4
 
 
-@pytest.mark.parametrize("name", ["kron", "xmat", *(
-    pytest.param(n, marks=pytest.mark.slow) for n in ("psgd", "lra", "dense", "affine", "diag"))])
+@pytest.mark.parametrize("name", ["kron", *(
+    pytest.param(n, marks=pytest.mark.slow)
+    for n in ("xmat", "psgd", "lra", "dense", "affine", "diag"))])
 def test_every_alias_eager_update_is_cached(name):
     params = {"w": jnp.ones((4, 3)), "b": jnp.zeros((3,))}
     grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.1, p.dtype), params)

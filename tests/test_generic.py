@@ -116,7 +116,9 @@ def _train(opt, params, steps: int, newton: bool = False):
     return run(params, opt.init(params))
 
 
-@pytest.mark.parametrize("global_kind", sorted(_GLOBAL_STRUCTURES))
+@pytest.mark.parametrize("global_kind", [  # the slowest to compile: in the slow run
+    pytest.param(k, marks=pytest.mark.slow) if k == "lra" else k
+    for k in sorted(_GLOBAL_STRUCTURES)])
 def test_mixed_structure_trains_and_serialises(global_kind):
     params = _model_params(jax.random.PRNGKey(0))
     opt = pe.psgd(3e-2, _structure, global_structure=_GLOBAL_STRUCTURES[global_kind])
@@ -164,6 +166,8 @@ def test_mixed_structure_trains_and_serialises(global_kind):
     assert not eqx.tree_equal(restored, state0)
 
 
+@pytest.mark.slow  # default-suite time budget; the Newton pairs of each structure are
+# also covered by tests/test_newton.py
 def test_mixed_structure_with_newton_pairs():
     """Hvp and vector are routed to per-leaf and global preconditioners alike."""
     params = _model_params(jax.random.PRNGKey(0))

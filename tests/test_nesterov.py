@@ -39,7 +39,8 @@ def test_nesterov_momentum_formula_with_identity_preconditioner(warmup):
             np.testing.assert_allclose(u[k], want[k], rtol=2e-6, atol=1e-7, err_msg=(t, k))
 
 
-@pytest.mark.parametrize("name", ["kron", "xmat", "diag"])
+@pytest.mark.parametrize("name", [
+    "kron", *(pytest.param(n, marks=pytest.mark.slow) for n in ("xmat", "diag"))])
 def test_nesterov_changes_the_update_and_psgd_jax_none_means_off(name):
     fn = getattr(psgd_eqx, name)
     params = _grads(99)

@@ -88,6 +88,7 @@ def test_exact_hvp_matches_jax_hessian_on_a_pytree():
     np.testing.assert_allclose(_flat(hvp), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # default-suite time budget
 def test_finite_difference_hvp_close_to_exact():
     key = jax.random.PRNGKey(4)
     exact = pe.hessian_helper(key, _nonlinear, _NL_PARAMS)

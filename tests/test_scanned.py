@@ -135,7 +135,8 @@ def test_scanned_layers_with_inject_hyperparams():
     eqx.tree_serialise_leaves(buf, state)
 
 
-@pytest.mark.parametrize("spike", ["none", "from_start", "late"])
+@pytest.mark.parametrize("spike", [
+    "none", pytest.param("from_start", marks=pytest.mark.slow), "late"])
 def test_scanned_stack_is_exactly_its_layers(spike):
     """A scanned leaf's updates equal those of its layers given as separate leaves, over
     several steps with the default options: the clips and the init-scale statistic act per

@@ -232,29 +232,48 @@ def test_scalar_param_gets_a_replicated_factor():
     assert specs[0].preconditioners()["w"].factors == (P("fsdp"), P("fsdp"))
 
 
-@pytest.fixture(scope="module")
-def multi_device():
+def _worker(*parts: str) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     env.pop("JAX_PLATFORMS", None)
     res = subprocess.run(
-        [sys.executable, str(WORKER)], env=env, capture_output=True, text=True, timeout=900
+        [sys.executable, str(WORKER), *parts], env=env, capture_output=True, text=True,
+        timeout=900,
     )
     assert res.returncode == 0, res.stderr[-4000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("mesh", ["fsdp", "fsdp_tp"])
-def test_sharded_step_matches_single_device(multi_device, mesh):
-    assert multi_device["devices"] == 8
-    r = multi_device[mesh]
+@pytest.fixture(scope="module")
+def multi_device():
+    return _worker("fsdp", "memory")
+
+
+@pytest.fixture(scope="module")
+def multi_device_tp():  # the FSDP × TP mesh: another compile of the sharded step (slow)
+    return _worker("fsdp_tp")
+
+
+_MESHES = ["fsdp", pytest.param("fsdp_tp", marks=pytest.mark.slow)]
+
+
+def _result(request, mesh: str) -> dict:
+    fixture = "multi_device" if mesh == "fsdp" else "multi_device_tp"
+    return request.getfixturevalue(fixture)
+
+
+@pytest.mark.parametrize("mesh", _MESHES)
+def test_sharded_step_matches_single_device(request, mesh):
+    out = _result(request, mesh)
+    assert out["devices"] == 8
+    r = out[mesh]
     assert r["params_rel_diff"] < 1e-5, r
     assert r["state_rel_diff"] < 1e-4, r
 
 
-@pytest.mark.parametrize("mesh", ["fsdp", "fsdp_tp"])
-def test_no_large_factor_is_replicated(multi_device, mesh):
-    r = multi_device[mesh]
+@pytest.mark.parametrize("mesh", _MESHES)
+def test_no_large_factor_is_replicated(request, mesh):
+    r = _result(request, mesh)[mesh]
     assert r["large_factors"] > 0
     assert r["replicated_large_factors"] == [], r
 

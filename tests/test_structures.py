@@ -737,6 +737,7 @@ def test_affine_kron_diag_validation():
 # -- the shared `update` template -----------------------------------------------------------
 
 
+@pytest.mark.slow  # default-suite time budget
 def test_update_template_guard_switch():
     """`AbstractPrecond.update` skips a non-finite step as a whole for the structures with
     their own fit; the composites leave that to their inner `update`s (per layer/block)."""
