@@ -168,6 +168,24 @@ def _fit_stats(groups: Groups, qs: list, gq, inputs: list, vectors: list, pair) 
     return out
 
 
+def _fit_figures(o: Options, groups: Groups, qs: list, gq, inputs: list, vectors: list,
+                 pair, staleness, fit_ok: Bool[Array, ""]):
+    """With `track_diagnostics` or the adaptive schedule: the fit ratios per bucket (for
+    the tracked figures), the new `PSGDState.staleness` and the adaptive refit rate of
+    this step (else `None`s and the old staleness), measured with the preconditioners
+    this step's refit starts from."""
+    schedule = o.preconditioner_update_probability
+    adaptive = isinstance(schedule, AdaptiveRefits)
+    if not (o.track_diagnostics or adaptive):
+        return None, staleness, None
+    stats = _fit_stats(groups, qs, gq, inputs, vectors, pair)
+    if not adaptive:
+        return [r for r, _ in stats], staleness, None
+    staleness, stale = update_staleness(schedule, groups, staleness,
+                                        [e for _, e in stats], fit_ok)
+    return [r for r, _ in stats], staleness, schedule.rate(stale)
+
+
 def _tracked(groups: Groups, treedef, inert: list[bool], figures, ratios: list,
              old: PyTree, ok: Bool[Array, ""]) -> PyTree:
     """The new `PSGDState.diagnostics`: per leaf, a [`Tracked`][psgd_eqx._diagnostics.Tracked]
@@ -189,6 +207,29 @@ def _tracked(groups: Groups, treedef, inert: list[bool], figures, ratios: list,
         now = Tracked(fig[0], fig[1], rho)
         new.append(jax.tree.map(lambda a, b: jnp.where(ok, a, b), now, prev))
     return jax.tree.unflatten(treedef, new)
+
+
+def _fit_inputs(o: Options, newton: bool, grads: list, m_hat: list, hvps: list,
+                vectors: list, finite: Bool[Array, ""]):
+    """Per group: what P is fitted on (Hv, or the gradient or momentum when whitening),
+    the Newton probes (`None`s when whitening), and whether they are all finite."""
+    if newton:
+        return hvps, vectors, finite & tree_all_finite(hvps) & tree_all_finite(vectors)
+    return (grads if o.whiten_grad else m_hat), [None] * len(grads), finite
+
+
+def _per_leaf_outputs(groups: Groups, owner, treedef, inert: list[bool], g_leaves: list,
+                      out_g: list, glob: dict, mu: list | None, old_mu: list):
+    """The updates (a list per leaf) and new momenta (a tree, or `None` without momentum)
+    per leaf: one all-to-all back per owned bucket; a leaf in no bucket gets a zero
+    update (float0 stays float0) and keeps its momentum."""
+    per_leaf = unstack_outputs([out_g, *([mu] if mu is not None else [])], groups, owner)
+    out = [glob.get(i, u) for i, u in enumerate(per_leaf[0])]
+    out = [(g if g.dtype == jax.dtypes.float0 else jnp.zeros_like(g)) if dead else u
+           for dead, g, u in zip(inert, g_leaves, out)]
+    new_mu = None if mu is None else jax.tree.unflatten(treedef, [
+        o_ if dead else m for dead, m, o_ in zip(inert, per_leaf[1], old_mu)])
+    return out, new_mu
 
 
 def step(
@@ -238,12 +279,7 @@ def step(
     if state.mu is not None:
         mu, m_hat = _momentum_all(o, groups, count, finite, k_round, mu, grads_g)
 
-    if newton:
-        inputs = hvps
-        fit_ok = finite & tree_all_finite(hvps) & tree_all_finite(vectors)
-    else:
-        inputs, vectors = (grads_g if o.whiten_grad else m_hat), [None] * len(qs)
-        fit_ok = finite
+    inputs, vectors, fit_ok = _fit_inputs(o, newton, grads_g, m_hat, hvps, vectors, finite)
     if accum is not None:
         sums, n_acc, inputs = accumulate(sums, accum[1], inputs, finite)
 
@@ -261,17 +297,12 @@ def step(
 
         qs, gq = jax.lax.cond(count == 0, rescale, lambda x: x, (qs, gq))
 
-    # The fit ratios, with the preconditioners this step's refit starts from.
-    ratios, staleness = None, state.staleness
-    schedule = o.preconditioner_update_probability
-    if o.track_diagnostics or isinstance(schedule, AdaptiveRefits):
-        pair = _global_pair(groups, members, inputs, vectors if newton else None)
-        stats = _fit_stats(groups, qs, gq, inputs, vectors, pair)
-        ratios = [r for r, _ in stats]
-        if isinstance(schedule, AdaptiveRefits):
-            staleness, stale = update_staleness(schedule, groups, state.staleness,
-                                                [e for _, e in stats], fit_ok)
-            probability = lambda _: schedule.rate(stale)  # noqa: E731
+    ratios, staleness, rate = _fit_figures(
+        o, groups, qs, gq, inputs, vectors,
+        _global_pair(groups, members, inputs, vectors if newton else None),
+        state.staleness, fit_ok)
+    if rate is not None:  # the adaptive schedule's rate for this step
+        probability = lambda _: rate  # noqa: E731
     do_refit, acc = refit_decision(count, state.refit_accumulator, fit_ok, k_draw,
                                    probability=probability, bernoulli=o.bernoulli_refit,
                                    override=override)
@@ -306,15 +337,9 @@ def step(
     if accum is not None:
         sums, n_acc = restart_after_refit(sums, n_acc, do_refit)
         fit_accum = (merged(sums, old_sums), n_acc)
-    # the updates (and new momenta) per leaf: one all-to-all back per owned bucket
     out_g, glob, figures = out
-    with_mu = state.mu is not None
-    per_leaf_out = unstack_outputs([out_g, *([mu] if with_mu else [])], groups, owner)
-    out = [glob.get(i, u) for i, u in enumerate(per_leaf_out[0])]
-    out = [(g if g.dtype == jax.dtypes.float0 else jnp.zeros_like(g)) if dead else u
-           for dead, g, u in zip(inert, g_leaves, out)]
-    new_mu = None if not with_mu else jax.tree.unflatten(treedef, [
-        o_ if dead else m for dead, m, o_ in zip(inert, per_leaf_out[1], old_mu)])
+    out, new_mu = _per_leaf_outputs(groups, owner, treedef, inert, g_leaves, out_g, glob,
+                                    mu if state.mu is not None else None, old_mu)
     new_state = dataclasses.replace(
         state,
         count=optax.safe_increment(count),
