@@ -1,8 +1,13 @@
-"""Shared test utilities: SPD factories, matrix powers, tree comparison."""
+"""Shared test utilities: SPD factories, matrix powers, tree comparison, loading the
+examples."""
+
+import importlib.util
+import pathlib
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def spd(key, n: int, cond: float, dtype=jnp.float32):
@@ -24,3 +29,34 @@ def tree_allclose(x, y, *, rtol=1e-5, atol=1e-8):
 
 def tree_finite(tree) -> bool:
     return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
+
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_example(name: str):
+    """The module `examples/<name>.py`, loaded from its file (a fresh module per call)."""
+    spec = importlib.util.spec_from_file_location(f"_example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def standard_promotion(factory):
+    """`factory` (e.g. `optax.adam`) whose `update` runs under standard dtype promotion.
+
+    optax.adam is not clean under jax_numpy_dtype_promotion="strict" (optax 0.2.8: its bias
+    correction computes `b1 ** count` with a Python float and an int32 count). Only that
+    update is relaxed; the examples' own code and psgd_eqx stay under the suite's strict
+    mode.
+    """
+    def wrapped(*args, **kwargs):
+        opt = factory(*args, **kwargs)
+
+        def update(updates, state, params=None, **extra):
+            with jax.numpy_dtype_promotion("standard"):
+                return opt.update(updates, state, params, **extra)
+
+        return optax.GradientTransformationExtraArgs(opt.init, update)
+
+    return wrapped

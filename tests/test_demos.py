@@ -8,36 +8,28 @@ The thresholds come from measurements with margin: over seeds 0–19,
 Each run is one compiled `lax.scan` shared by its seeds; compilation dominates the time.
 """
 
-import importlib.util
 import math
-import pathlib
 
 import jax
 import numpy as np
 import pytest
 
+from .helpers import load_example
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
 SEEDS = (0, 1, 2)
 CP_RANK, CP_SHAPE, CP_STEPS = 3, (8, 10, 12), 700
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_demo_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # Loaded once per test module, so tests share the examples' compiled runs.
 @pytest.fixture(scope="module")
 def rosenbrock():
-    return _load("rosenbrock")
+    return load_example("rosenbrock")
 
 
 @pytest.fixture(scope="module")
 def tensor_decomposition():
-    return _load("tensor_decomposition")
+    return load_example("tensor_decomposition")
 
 
 def _first_below(losses: np.ndarray, target: float) -> int | None:

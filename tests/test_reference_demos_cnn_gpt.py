@@ -1,36 +1,12 @@
 """Smoke tests of the reference-demo examples `digits_cnn.py` and `char_gpt.py` (few steps)."""
 
-import importlib.util
 import math
-import pathlib
 
-import jax
 import numpy as np
 import optax
 import pytest
 
-
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
-_original_adam = optax.adam
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _adam_with_standard_promotion(*args, **kwargs):
-    # As in test_examples.py: optax.adam is not clean under the suite's
-    # jax_numpy_dtype_promotion="strict"; only Adam's update runs under standard promotion.
-    opt = _original_adam(*args, **kwargs)
-
-    def update(updates, state, params=None, **extra):
-        with jax.numpy_dtype_promotion("standard"):
-            return opt.update(updates, state, params, **extra)
-
-    return optax.GradientTransformation(opt.init, update)
+from .helpers import load_example, standard_promotion
 
 
 def _check_common(results, names, lrs, steps):
@@ -57,8 +33,8 @@ OPTIMIZER_SETS = [
 
 @pytest.mark.parametrize("names", OPTIMIZER_SETS)
 def test_digits_cnn(names, tmp_path, monkeypatch):
-    demo = _load("digits_cnn")
-    monkeypatch.setattr(demo.optax, "adam", _adam_with_standard_promotion)
+    demo = load_example("digits_cnn")
+    monkeypatch.setattr(demo.optax, "adam", standard_promotion(optax.adam))
     out = tmp_path / "digits_cnn.png"
     lrs, steps = (3e-3, 1e-2), 40
     results = demo.main(steps=steps, seeds=1, lrs=lrs, out=str(out), progress=False,
@@ -84,8 +60,8 @@ def test_digits_cnn(names, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("names", OPTIMIZER_SETS)
 def test_char_gpt(names, tmp_path, monkeypatch):
-    demo = _load("char_gpt")
-    monkeypatch.setattr(demo.optax, "adam", _adam_with_standard_promotion)
+    demo = load_example("char_gpt")
+    monkeypatch.setattr(demo.optax, "adam", standard_promotion(optax.adam))
     out = tmp_path / "char_gpt.png"
     lrs, steps = (3e-3, 1e-2), 40
     results = demo.main(steps=steps, lrs=lrs, d_model=32, n_layers=1, n_heads=2, seq_len=16,

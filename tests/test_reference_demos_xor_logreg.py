@@ -5,40 +5,14 @@ Compiling `psgd_eqx.kron`'s update dominates the fast tests' time (several secon
 parameter structure on a 2-core CPU), so each fast test compiles as few programs as it can.
 """
 
-import importlib.util
 import math
-import pathlib
 
 import jax
 import numpy as np
 import optax
 import pytest
 
-
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_demo_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _standard_promotion(factory):
-    # optax.adam is not clean under jax_numpy_dtype_promotion="strict" (optax 0.2.8: its
-    # bias correction computes `b1 ** count` with a Python float and an int32 count), so its
-    # update runs under standard promotion; the examples' own code and psgd_eqx stay strict.
-    def wrapped(*args, **kwargs):
-        opt = factory(*args, **kwargs)
-
-        def update(updates, state, params=None, **extra):
-            with jax.numpy_dtype_promotion("standard"):
-                return opt.update(updates, state, params, **extra)
-
-        return optax.GradientTransformationExtraArgs(opt.init, update)
-
-    return wrapped
+from .helpers import load_example, standard_promotion
 
 
 _ADAM = optax.adam
@@ -51,8 +25,8 @@ def _fixture(name: str, compiler_options):
     # Loaded once per fixture (its tests share the compiled programs); optax.adam is patched
     # only while this module's tests run.
     with pytest.MonkeyPatch.context() as mp:
-        module = _load(name)
-        mp.setattr(module.optax, "adam", _standard_promotion(_ADAM))
+        module = load_example(name)
+        mp.setattr(module.optax, "adam", standard_promotion(_ADAM))
         mp.setattr(module, "COMPILER_OPTIONS", compiler_options)
         yield module
 
