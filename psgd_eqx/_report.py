@@ -36,14 +36,15 @@ def diagnostics(state: PyTree) -> dict[str, LeafDiagnostics]:
         has lost precision (lower `preconditioner_lr`, or check for dead units: a
         parameter whose gradient is always zero drives its entry of Q up without bound).
     - `update_rms`: the RMS of P·m before clipping. With whitening (the default) it is
-        O(1) when the fit keeps up; `clipped` true on most steps means the clip, not P,
+        about 0.1–1 when the fit keeps up; `clipped` true on most steps means the clip, not P,
         is setting the step size (lower the learning rate, or look at the residual).
     - `fit_residual` ρ: log(‖P·x‖² / n) for whitening, log(‖P·h‖² / ‖v‖²) for a Newton
-        fit, on the step's fit input with P before that step's refit. 0 is a perfect fit;
-        |ρ| below ~0.5 is healthy (one-sample noise alone is ≈ √(2/n)); a ρ that stays
-        well above 0 means P is stale (refit more often: see
-        [`psgd_eqx.adaptive_refit_schedule`][]), well below 0 that the gradients have
-        grown since P was fitted.
+        fit, on the step's fit input with P before that step's refit. 0 is a perfect
+        fit, and ρ stays near 0 on a stationary problem (one-sample noise alone is
+        ≈ √(2/n)); while the loss falls fast it sits between about −3 and 0 (P, refitted
+        in small steps, lags the shrinking gradients). Well above 0 means P is too large
+        for the current gradients (erratic, or grown since P was fitted); far below,
+        refits are too rare to keep up (see [`psgd_eqx.adaptive_refit_schedule`][]).
     - `staleness` (with [`psgd_eqx.adaptive_refit_schedule`][]): what that schedule
         reads, per parameter: near 0 when P fits the recent inputs in scale and shape.
 
