@@ -58,6 +58,7 @@ def test_fitted_refits_rarely_and_stale_refits_every_step():
     assert after[1:].all(), after
 
 
+@pytest.mark.slow  # default-suite time budget
 def test_fitted_rate_is_below_a_fixed_probability_for_the_same_loss():
     """On a fixed quadratic, adaptive refits stop early while the loss matches p = 1."""
     n = 24

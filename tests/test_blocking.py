@@ -151,6 +151,7 @@ def test_plan_matches_built_state_and_merges_where_rules_leave_room():
     assert "merged (48, 48)" in table
 
 
+@pytest.mark.slow  # default-suite time budget
 def test_blocked_kron_trains_and_matches_plan():
     key = jax.random.PRNGKey(0)
     a = jax.random.normal(key, (40, 6))

@@ -90,6 +90,7 @@ def test_rosenbrock_main(rosenbrock, tmp_path):
         assert math.isfinite(r["seconds"])
 
 
+@pytest.mark.slow  # default-suite time budget
 def test_tensor_decomposition_main(tensor_decomposition, tmp_path):
     # The small problem and step count of the tests above (their compiled runs are reused
     # when the tests run together); two methods keep it short when it runs alone.

@@ -4,6 +4,7 @@ import math
 
 import jax.numpy as jnp
 import optax
+import pytest
 
 from .helpers import load_example, standard_promotion
 
@@ -33,6 +34,7 @@ def test_quickstart(tmp_path, monkeypatch):
     assert adam["final_loss"] < 0.5 * adam["initial_loss"]
 
 
+@pytest.mark.slow  # default-suite time budget
 def test_diagnostics_example(tmp_path):
     diagnostics = load_example("diagnostics")
     results = diagnostics.main(steps=6, out_dir=str(tmp_path), progress=False,

@@ -504,7 +504,8 @@ def test_dense_refuses_oversized_q():
         pe.dense(max_size=0)
 
 
-@pytest.mark.parametrize("name", ["kron", "affine", "diag", "xmat", "lra", "dense"])
+@pytest.mark.parametrize("name", ["kron", "diag", "xmat", "lra", "dense",
+                                  pytest.param("affine", marks=pytest.mark.slow)])
 def test_odd_leaves_scalar_unit_and_empty(name):
     """Scalars, size-1 axes and empty leaves, through every alias with both fits."""
     params = {
