@@ -90,11 +90,11 @@ def shardings(mesh, specs):
                         is_leaf=lambda x: isinstance(x, P))
 
 
-def setup(params, n, owner):
+def setup(params, n, owner, extra=None):
     mesh = jax.make_mesh((n,), ("fsdp",), axis_types=(AxisType.Auto,),
                          devices=jax.devices()[:n])
     pspecs = fsdp_specs(params, n)
-    kw = dict(kron_kwargs(), params_partition_specs=pspecs)
+    kw = dict(kron_kwargs(), **(extra or {}), params_partition_specs=pspecs)
     if owner:
         kw["owner_axes"] = "fsdp"
     opt = psgd_eqx.kron(**kw)
@@ -105,13 +105,13 @@ def setup(params, n, owner):
     return mesh, opt, p_sh, s_sh, state
 
 
-def train(params, x, n=None, owner=False):
+def train(params, x, n=None, owner=False, extra=None):
     if n is None:
-        opt = psgd_eqx.kron(**kron_kwargs())
+        opt = psgd_eqx.kron(**kron_kwargs(), **(extra or {}))
         state, mesh = opt.init(params), None
         step_fn = jax.jit(lambda p, s: _step(opt, p, s, x))
     else:
-        mesh, opt, p_sh, s_sh, state = setup(params, n, owner)
+        mesh, opt, p_sh, s_sh, state = setup(params, n, owner, extra)
         params = jax.device_put(params, p_sh)
         step_fn = jax.jit(lambda p, s: _step(opt, p, s, x), in_shardings=(p_sh, s_sh),
                           out_shardings=(p_sh, s_sh))
@@ -178,6 +178,24 @@ def main():
                            "preconditioners": rel_diff(s[0].preconditioners(),
                                                        ref_s[0].preconditioners()),
                            "count": int(s[0].count)}
+    # the per-leaf health figures and the adaptive schedule's state, in owner mode: the
+    # same refits and figures as on one device (padding rows do not count)
+    extra = dict(track_diagnostics=True,
+                 preconditioner_update_probability=psgd_eqx.adaptive_refit_schedule())
+    ref_p, ref_s = train(params, x, extra=extra)
+    ref_d = psgd_eqx.diagnostics(ref_s)
+    out["equal_tracked"] = {}
+    for n in (1, 4):
+        p, s = train(params, x, n, owner=True, extra=extra)
+        d = psgd_eqx.diagnostics(s)
+        out["equal_tracked"][n] = {
+            "params": rel_diff(p, ref_p),
+            "refits": [int(s[0].refits), int(ref_s[0].refits)],
+            "figures": rel_diff([(v.update_rms, v.fit_residual, v.staleness)
+                                 for v in d.values()],
+                                [(v.update_rms, v.fit_residual, v.staleness)
+                                 for v in ref_d.values()]),
+        }
     # the costs on a tree of buckets only, each of 8 members (no padding on 8 devices),
     # with matrices large enough that the factor work outweighs the per-step scalars
     params = {"layers": make_layers(jax.random.PRNGKey(2), 8, d=128)}

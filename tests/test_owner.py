@@ -75,6 +75,9 @@ def test_owner_computes_on_1_2_4_8_devices_equals_one_device():
     for n, d in out["equal"].items():
         assert d["count"] == 5, n
         assert d["params"] < 2e-5 and d["preconditioners"] < 2e-5, (n, d)
+    for n, d in out["equal_tracked"].items():  # track_diagnostics + adaptive refits
+        assert d["refits"][0] == d["refits"][1], (n, d)
+        assert d["params"] < 2e-5 and d["figures"] < 1e-4, (n, d)
     owner, placement = out["owner"], out["placement"]
     buckets = owner["buckets"]
     assert buckets == 3
