@@ -36,6 +36,7 @@ from ._precond import (
     XMatQ as XMatQ,
 )
 from ._probe import hessian_helper as hessian_helper
+from ._relayout import relayout_owner_state as relayout_owner_state
 from ._report import diagnostics as diagnostics
 from ._schedules import precond_update_prob_schedule as precond_update_prob_schedule
 from ._sharding import (

@@ -89,3 +89,39 @@ def test_owner_computes_on_1_2_4_8_devices_equals_one_device():
     # every bucket has 8 members on 8 devices: each device does an eighth of the work
     assert owner["flops"] <= 1.1 * out["single_flops"] / 8, (owner, out["single_flops"])
     assert owner["precond_bytes_per_device"] <= 1.01 * out["single_precond_bytes"] / 8
+
+
+def test_relayout_moves_a_state_between_owner_sizes_and_modes():
+    """A state in one layout, re-padded for another, equals the other optimizer's own
+    state on every real row, and has that optimizer's structure and shapes."""
+    params = _params(layers=3)
+    kw = dict(max_skew_triangular=float("inf"),
+              preconditioner_update_probability=psgd_eqx.adaptive_refit_schedule())
+    placement = psgd_eqx.kron(1e-3, **kw)
+    state = placement.init(params)
+    g = jax.tree.map(lambda p: jnp.cos(3.0 * p), params)
+    for _ in range(2):
+        _, state = placement.update(g, state, params)
+
+    owner = psgd_eqx.kron(1e-3, owner_axes="fsdp", **kw)
+    for size in (4, 8):
+        moved = psgd_eqx.relayout_owner_state(state, "fsdp", size=size)
+        with jax.sharding.use_abstract_mesh(_mesh(size)):
+            want = jax.eval_shape(owner.init, params)
+        assert jax.tree.structure(moved) == jax.tree.structure(want)
+        assert [x.shape for x in jax.tree.leaves(moved)] == [
+            x.shape for x in jax.tree.leaves(want)]
+        # every parameter's preconditioner is carried over exactly
+        assert jax.tree.all(jax.tree.map(jnp.array_equal, moved[0].preconditioners(),
+                                         state[0].preconditioners()))
+        # and back to placement (no padding): the original state
+        back = psgd_eqx.relayout_owner_state(moved, None)
+        assert jax.tree.structure(back) == jax.tree.structure(state)
+        assert jax.tree.all(jax.tree.map(jnp.array_equal, back, state))
+    # between owner sizes (8 → 4) directly
+    s8 = psgd_eqx.relayout_owner_state(state, "fsdp", size=8)
+    s4 = psgd_eqx.relayout_owner_state(s8, "fsdp", size=4)
+    assert jax.tree.all(jax.tree.map(
+        jnp.array_equal, s4, psgd_eqx.relayout_owner_state(state, "fsdp", size=4)))
+    with pytest.raises(ValueError, match="jax.set_mesh"):  # no size and no mesh
+        psgd_eqx.relayout_owner_state(state, "fsdp")
