@@ -109,6 +109,8 @@ def test_tracked_figures_match_a_recomputation():
     assert int(report["['w']"].refits) == 2
 
 
+@pytest.mark.slow  # default-suite time budget (the tracked shapes per layer are checked
+# by the recomputation test's scanned stack)
 def test_tracked_figures_of_a_scanned_stack_equal_separate_layers():
     stack = {"s": _params()["s"]}
     layers = {f"s{i}": stack["s"][i] for i in range(3)}

@@ -262,7 +262,7 @@ _SMALL = {"w": jnp.ones((3, 4), jnp.float32), "b": jnp.ones((4,), jnp.float32),
 
 @pytest.mark.parametrize(
     "alias,cls",
-    [(pe.xmat, XMatQ), (pe.lra, LRAQ), (pe.dense, DenseQ)],
+    [(pe.xmat, XMatQ), pytest.param(pe.lra, LRAQ, marks=pytest.mark.slow), (pe.dense, DenseQ)],
 )
 def test_per_leaf_state(alias, cls):
     n = 12 + 4 + 1
@@ -461,7 +461,9 @@ def _newton_loss(params):
     return jnp.sum(_SCALES[None, :] * e * e) + jnp.sum(jnp.cosh(params["b"] - 0.5))
 
 
-@pytest.mark.parametrize("name", sorted(_ALIASES))
+@pytest.mark.parametrize("name", [  # affine and lra: in the slow run (time budget)
+    pytest.param(n, marks=pytest.mark.slow) if n in ("affine", "lra") else n
+    for n in sorted(_ALIASES)])
 def test_alias_with_newton_args_under_jit(name):
     opt = _ALIASES[name]()
     steps = 30

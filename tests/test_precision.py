@@ -55,7 +55,8 @@ def test_bf16_momentum_keeps_small_increments(rounding):
         assert got < want - 0.2, got  # stalled near 0.5
 
 
-@pytest.mark.parametrize("name", ["kron", "lra", "xmat", "diag"])
+@pytest.mark.parametrize("name", [
+    "kron", pytest.param("lra", marks=pytest.mark.slow), "xmat", "diag"])
 def test_bf16_preconditioner_storage_trains(name):
     params = {"w": jnp.ones((16, 8), jnp.float32), "b": jnp.zeros((8,), jnp.float32)}
     x = jax.random.normal(jax.random.PRNGKey(0), (64, 16))
