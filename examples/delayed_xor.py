@@ -126,17 +126,25 @@ def loss_fn(model: RNN, xs, ys):
     return jnp.mean(jax.nn.softplus(-ys * model(xs)))
 
 
+# The refit schedules compared in the *Diagnostics and refits* guide: the reference refits
+# every step; kron's default anneal; the adaptive schedule.
+REFITS = {"kron": 1.0, "kron_newton": 1.0,
+          "kron_anneal": psgd_eqx.precond_update_prob_schedule(),
+          "kron_adaptive": psgd_eqx.adaptive_refit_schedule()}
+
+
 def make_optimizer(name: str, lr):
-    """`adam`, or `kron` / `kron_newton` with the reference's KronWhiten settings."""
+    """`adam`, or `kron` / `kron_newton` with the reference's KronWhiten settings
+    (`kron_anneal` / `kron_adaptive`: the same with another refit schedule)."""
     if name == "adam":
         return optax.adam(lr)
-    if name in ("kron", "kron_newton"):
+    if name in REFITS:
         return psgd_eqx.kron(
             lr,
             b1=0.0,
             preconditioner_lr=PRECONDITIONER_LR,
             preconditioner_init_scale=PRECONDITIONER_INIT_SCALE,
-            preconditioner_update_probability=1.0,
+            preconditioner_update_probability=REFITS[name],
         )
     raise ValueError(f"unknown optimizer {name!r}")
 

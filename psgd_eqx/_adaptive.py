@@ -77,8 +77,8 @@ def adaptive_refit_schedule(
     - `beta`: the EMA factor of the staleness, in [0, 1).
 
     Measured (the *Diagnostics and refits* guide): at an equal number of refits a fixed
-    probability did as well or better on a Kronecker quadratic, a rotating quadratic and
-    the digits MLP, and kron's default anneal stays the default.
+    probability did as well or better on a Kronecker quadratic, a rotating quadratic, the
+    digits MLP and the delayed XOR, and kron's default anneal stays the default.
 
     **Returns:** the schedule, for `preconditioner_update_probability=` of `kron` or any
     alias (with `bernoulli_refit=False`, the default). A refit forced by the caller's
