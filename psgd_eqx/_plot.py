@@ -26,7 +26,7 @@ def _series(snapshots, path: str, field: str) -> np.ndarray:
             out.append(np.nan)
             continue
         arrays = value if isinstance(value, tuple) else (value,)
-        vals = [np.asarray(a, np.float64).reshape(-1) for a in arrays]
+        vals = [np.asarray(a, np.float32).reshape(-1) for a in arrays]
         if not vals or all(v.size == 0 for v in vals):
             out.append(np.nan)
             continue
