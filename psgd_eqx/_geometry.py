@@ -48,6 +48,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from . import _rng
+from ._fused import Gram, RefitConfig, fused_fit_factor, refit_applies
 from ._norms import Normaliser
 from ._numerics import promote, real_dtype
 from ._ops import eq_triangular_step
@@ -156,8 +157,9 @@ class GeometrySpec(eqx.Module):
         return self.name == "QEP"
 
 
-# A statistic: a matrix, a vector (diagonal factor), a scalar c meaning c·I, or an `Outer`.
-Statistic = Array | Outer
+# A statistic: a matrix, a vector (diagonal factor), a scalar c meaning c·I, an `Outer`, or
+# a `Gram` y yᴴ kept as y for the fused refit (only `fit_factor` ever sees one).
+Statistic = Array | Outer | Gram
 
 
 class AbstractContractions(eqx.Module):
@@ -532,6 +534,23 @@ def fit_factor(
 
     **Returns:** `(new factor, new L)`.
     """
+    if isinstance(t2, Gram):  # EQ's second statistic: the kernel takes it as a matrix
+        t2 = t2.matrix()
+    if dense and isinstance(t1, (Array, Gram)) and not isinstance(t2, Outer) \
+            and refit_applies(geometry, q.dtype, use_kernels):
+        cfg = RefitConfig(geometry, normaliser, use_kernels, isinstance(t1, Gram),
+                          _fit_factor_jnp)
+        y_or_t1 = t1.y if isinstance(t1, Gram) else t1
+        return fused_fit_factor(cfg, q, y_or_t1, t2, old_l, lr, key)
+    if isinstance(t1, Gram):
+        t1 = t1.matrix()
+    return _fit_factor_jnp(geometry, q, t1, t2, old_l, lr, key, normaliser, use_kernels,
+                           dense=dense)
+
+
+def _fit_factor_jnp(geometry, q, t1, t2, old_l, lr, key, normaliser, use_kernels, *,
+                    dense=True):
+    """`fit_factor` in plain jnp (the fused kernel's reference on every platform)."""
     k_ell, k_step = _rng.split(key)
     ell = dense_lipschitz(t1, t2, k_ell, normaliser) if dense else diag_lipschitz(t1, t2)
     big_l, eta = normaliser.step(old_l, ell, lr)

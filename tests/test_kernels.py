@@ -405,7 +405,11 @@ def test_should_use_kernel():
     assert K.should_use_kernel("eq_factor_update", 4096, 32)
     assert not K.should_use_kernel("pro_factor_update", 4096, 32)
     assert not K.should_use_kernel("kron_apply", 1 << 16, 1)
-    assert set(K.KERNEL_MIN_N) == {"eq_factor_update", "pro_factor_update", "kron_apply"}
+    # the fused refit and apply are unmeasured on hardware: never under "auto"
+    assert not K.should_use_kernel("fused_factor_refit", 1024, 32)
+    assert not K.should_use_kernel("fused_kron_apply", 1024, 32)
+    assert set(K.KERNEL_MIN_N) == {"eq_factor_update", "pro_factor_update", "kron_apply",
+                                   "fused_factor_refit", "fused_kron_apply"}
 
 
 @pytest.mark.parametrize("op", sorted(K.KERNEL_MIN_N))

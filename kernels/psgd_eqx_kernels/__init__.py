@@ -1,4 +1,5 @@
-"""Pallas kernels for ops of `psgd_eqx`: the Kronecker apply and two fused factor updates.
+"""Pallas kernels for ops of `psgd_eqx`: the Kronecker apply, fused factor updates, and the
+fused refit and apply of a stack of factors (one launch each).
 
 Each op `<op>` comes with `<op>_reference`, a pure-jnp function that defines its semantics
 (and supplies its derivative: every op is a `jax.custom_jvp` whose tangent is the
@@ -17,6 +18,19 @@ reference's, since Pallas kernels cannot be differentiated). The kernels take
     diagonal factors per side, optionally cached P or triangular Q. Not dispatched by
     `psgd_eqx`'s optimizers (slower than XLA on an H100); callable directly.
 
+- [`fused_factor_refit`][psgd_eqx_kernels.fused_factor_refit]: the whole refit of a stack
+    of dense factors in one launch (T₁ = y yᵀ from the probe, the norm bound, the
+    Lipschitz update, the `PRO`/`EQ`/`QUAD` step, PRO's Procrustes step), each factor
+    resident on chip. Dispatched by `use_kernels=True` where it fits
+    ([`fused_refit_fits`][psgd_eqx_kernels.fused_refit_fits]).
+- [`fused_kron_apply`][psgd_eqx_kernels.fused_kron_apply]: P·G for a stack of matrix
+    gradients in one launch (dense, cached or diagonal factors per side). Dispatched by
+    `use_kernels=True` where it fits ([`fused_apply_fits`][psgd_eqx_kernels.fused_apply_fits]).
+
+The fused kernels have run in the Pallas interpreter only (GPU and TPU semantics) and
+lower to Triton and Mosaic IR; they have not been timed on hardware yet, so
+`use_kernels="auto"` does not pick them.
+
 [`should_use_kernel`][psgd_eqx_kernels.should_use_kernel] says, from measurements, when a
 kernel beats its reference.
 """
@@ -32,6 +46,16 @@ from ._blocks import (
 from ._eq_factor_update import (
     eq_factor_update as eq_factor_update,
     eq_factor_update_reference as eq_factor_update_reference,
+)
+from ._fused_apply import (
+    fused_apply_fits as fused_apply_fits,
+    fused_kron_apply as fused_kron_apply,
+    fused_kron_apply_reference as fused_kron_apply_reference,
+)
+from ._fused_refit import (
+    fused_factor_refit as fused_factor_refit,
+    fused_factor_refit_reference as fused_factor_refit_reference,
+    fused_refit_fits as fused_refit_fits,
 )
 from ._kron_apply import (
     kron_apply as kron_apply,

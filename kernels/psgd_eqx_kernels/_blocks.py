@@ -213,6 +213,10 @@ KERNEL_MIN_N: dict[str, dict[int, int | None]] = {
     "eq_factor_update": {1: 2048, 8: 1024, 32: 512},
     "pro_factor_update": {1: None, 8: None, 32: None},
     "kron_apply": {1: None, 8: None, 32: None},
+    # the fused refit and apply (one launch per stack): not measured on a GPU yet, so
+    # `use_kernels="auto"` never picks them; `use_kernels=True` does.
+    "fused_factor_refit": {1: None, 8: None, 32: None},
+    "fused_kron_apply": {1: None, 8: None, 32: None},
 }
 
 
@@ -221,14 +225,16 @@ def should_use_kernel(op: str, n: int, batch: int, backend: str = "gpu") -> bool
 
     A lookup in a table of measurements (`KERNEL_MIN_N`, H100 only so far); the nearest
     measured stack size at or below `batch` is used. TPU has not been measured: `False`.
-    `psgd_eqx`'s optimizers consult it only for `"eq_factor_update"` under
-    `use_kernels="auto"`, with the size of the stack the update runs on (a scanned stack,
-    a bucket of same-shape leaves, blocks: the product of the enclosing `vmap`s); the
-    other two ops are never faster in the table and are not dispatched.
+    `psgd_eqx`'s optimizers consult it under `use_kernels="auto"` for
+    `"eq_factor_update"`, `"fused_factor_refit"` and `"fused_kron_apply"`, with the size
+    of the stack the update runs on (a scanned stack, a bucket of same-shape leaves,
+    blocks: the product of the enclosing `vmap`s); only `"eq_factor_update"` has a measured
+    win so far, so it is the only one `"auto"` ever picks.
 
     **Arguments:**
 
-    - `op`: `"eq_factor_update"`, `"pro_factor_update"` or `"kron_apply"`.
+    - `op`: `"eq_factor_update"`, `"pro_factor_update"`, `"kron_apply"`,
+        `"fused_factor_refit"` or `"fused_kron_apply"`.
     - `n`: the factor size (the larger dim of the gradient matrix for `kron_apply`).
     - `batch`: the number of stacked factors.
     - `backend`: `"gpu"` or `"tpu"`.

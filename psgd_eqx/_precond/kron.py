@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, Shaped
 
 from .. import _rng
+from .._fused import ApplyConfig, Gram, apply_applies, fused_apply, refit_applies
 from .._geometry import (
     AbstractContractions,
     GeometrySpec,
@@ -95,6 +96,19 @@ def _kron_p_times(
     return jnp.einsum(_apply_einsum(dense, cached), *ops, x)
 
 
+def _apply_sides(kinds: tuple[str, str], stores_p: bool, left: Array, right: Array,
+                 x: Array) -> Array:
+    """`_kron_p_times` for a matrix from the fused apply's per-side operands (the fused
+    apply's reference): a dense side is Q, or its P when `"cached"` (stored-P factors are
+    always `"cached"`); a diagonal side is the factor's vector."""
+    factors = (left, right)
+    dense = tuple(k != "diag" for k in kinds)
+    cached = "cached" in kinds and not stores_p
+    cache = tuple(f if k == "cached" else None for f, k in zip(factors, kinds)) if cached \
+        else None
+    return _kron_p_times(factors, cache, dense, stores_p, x)
+
+
 def _solve_along(q: Array, x: Array, axis: int) -> Array:
     """Q⁻ᴴ ×_axis x for an upper-triangular Q: one solve with the other axes as columns."""
     xm = jnp.moveaxis(x, axis, 0)
@@ -110,6 +124,8 @@ class _KronContractions(AbstractContractions):
     cache: tuple[Array | None, ...] | None
     dense: tuple[bool, ...] = eqx.field(static=True)
     stores_p: bool = eqx.field(static=True)
+    # dense factors whose statistic stays the probe y (a `Gram`) for the fused refit
+    gram: bool = eqx.field(static=True, default=False)
 
     @property
     def num_factors(self) -> int:
@@ -127,7 +143,11 @@ class _KronContractions(AbstractContractions):
         return _mode_scale(1.0 / jnp.conj(self.qs[i]), x, i)
 
     def contract(self, i: int, x: Array) -> Statistic:
-        return _contract(x, x, i) if self.dense[i] else _contract_diag(x, i)
+        if not self.dense[i]:
+            return _contract_diag(x, i)
+        if self.gram:
+            return Gram(jnp.moveaxis(x, i, 0).reshape(x.shape[i], -1))
+        return _contract(x, x, i)
 
     def factor_gram(self, i: int) -> Array:
         q = self.qs[i]
@@ -282,7 +302,24 @@ class KronQ(AbstractGeometryPrecond):
             raise ValueError(f"`KronQ.apply` expects shape {self.shape}; got {g.shape}.")
         dtype = promote(self.factors[0].dtype, g.dtype)
         x = g.reshape(self.axes_shape).astype(dtype)
-        return self._apply_p(self.factors, self.cache, x).reshape(self.shape).astype(g.dtype)
+        if len(self.axes_shape) == 2 and apply_applies(
+                (dtype, self.factors[0].dtype), self.use_kernels):
+            out = self._fused_apply(x)
+        else:
+            out = self._apply_p(self.factors, self.cache, x)
+        return out.reshape(self.shape).astype(g.dtype)
+
+    def _fused_apply(self, x: Array) -> Array:
+        """P·x of a matrix through the fused apply (one launch per stack)."""
+        stores_p = GeometrySpec(self.geometry).stores_p
+        cached = stores_p or self.cache is not None
+        kinds = tuple("diag" if not d else "cached" if cached else "dense" for d in self.dense)
+        sides = tuple(
+            self.cache[i] if (k == "cached" and not stores_p) else f
+            for i, (f, k) in enumerate(zip(self.factors, kinds))
+        )
+        cfg = ApplyConfig(kinds, stores_p, self.use_kernels, _apply_sides)
+        return fused_apply(cfg, *sides, x)
 
     def _fit(
         self,
@@ -301,7 +338,8 @@ class KronQ(AbstractGeometryPrecond):
         qs = tuple(f.astype(cd) for f in self.factors)
         if spec.balance_every_update:
             qs = balance_factors(qs)
-        ops = _KronContractions(qs, self._fit_cache(cd), self.dense, spec.stores_p)
+        gram = refit_applies(spec.name, cd, self.use_kernels)
+        ops = _KronContractions(qs, self._fit_cache(cd), self.dense, spec.stores_p, gram)
         x = h.reshape(self.axes_shape).astype(cd)
         vv = None if v is None else v.reshape(self.axes_shape).astype(cd)
         stats = fit_statistics(spec.name, ops, x, vv)
