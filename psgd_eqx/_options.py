@@ -572,12 +572,12 @@ KRON: tuple[Option, ...] = (
     _t("bucket_leaves"),
     _t("owner_axes"),
     Option("use_kernels", "auto",
-           "Pallas kernels for the `EQ` factor update (the only op dispatched so far): "
-           "`\"auto\"` (on GPU where measured faster than XLA for the factor size and the "
-           "size of the stack it is updated in), `True` (on GPU/TPU "
-           "whenever the geometry is `EQ`), `False` (never), `\"interpret\"` (the Pallas "
-           "interpreter on any platform, for tests). No kernel runs with the default `PRO` "
-           "geometry.", one_of(*USE_KERNELS)),
+           "Pallas kernels: `\"auto\"` (on GPU only where measured faster than XLA for the "
+           "factor size and the size of the stack it runs in: so far the `EQ` factor "
+           "update of large factors), `True` (on GPU/TPU: the fused refit of every dense "
+           "`PRO`/`EQ`/`QUAD` factor and the fused apply of every matrix, one launch per "
+           "stack, where the operands fit on chip), `False` (never), `\"interpret\"` (the "
+           "Pallas interpreter on any platform, for tests). See the Kernels page.", one_of(*USE_KERNELS)),
 )
 
 # `kron`'s own options (the rest of `KRON` is `scale_by_kron`'s).

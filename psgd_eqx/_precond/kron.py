@@ -236,8 +236,9 @@ class KronQ(AbstractGeometryPrecond):
             reshape of it that merges adjacent axes (then `dense` has one flag per
             merged axis).
         - `use_kernels`: `"auto"` (a Pallas kernel on GPU where measured faster than
-            XLA), `True` (kernels on GPU/TPU wherever one exists), `False` (never), or
-            `"interpret"` (kernels in the Pallas interpreter, for tests).
+            XLA), `True` (kernels on GPU/TPU wherever one exists and fits: the fused
+            refit of dense `PRO`/`EQ`/`QUAD` factors, the fused apply of a matrix), `False`
+            (never), or `"interpret"` (kernels in the Pallas interpreter, for tests).
 
         **Returns:** the preconditioner.
         """
