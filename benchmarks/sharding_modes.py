@@ -187,6 +187,34 @@ class Config:
             return 1e3 * (time.perf_counter() - t0) / steps
 
 
+def _update_flops(params) -> float:
+    """FLOPs of one 1-device `update` of `params` (`compiled.cost_analysis()`)."""
+    opt = psgd_eqx.kron(**kron_kwargs())
+    state = opt.init(params)
+    cost = jax.jit(opt.update).lower(params, state, params).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+def packing_bounds(params, n: int) -> dict:
+    """How evenly whole matrices can be spread over `n` owners, from each shape's
+    one-matrix update FLOPs: owner-computes pads each bucket to a multiple of `n`, so a
+    device does ⌈members/n⌉ members of *every* bucket; packing whole matrices of any
+    bucket onto the least-loaded device (LPT) is what a cross-bucket assignment could
+    reach. Both as max per-device FLOPs ÷ (total / n)."""
+    leaves = jax.tree.leaves(params)
+    shapes: dict = {}
+    for x in leaves:
+        shapes[x.shape] = shapes.get(x.shape, 0) + 1
+    per = {s: _update_flops(jnp.zeros(s)) for s in shapes}
+    ideal = sum(per[s] * c for s, c in shapes.items()) / n
+    padded = sum(per[s] * -(-c // n) for s, c in shapes.items())
+    loads = [0.0] * n
+    for w in sorted((per[s] for s, c in shapes.items() for _ in range(c)), reverse=True):
+        loads[loads.index(min(loads))] += w
+    return dict(per_matrix_mflops={str(s): round(w / 1e6, 1) for s, w in per.items()},
+                padded=padded / ideal, packed=max(loads) / ideal)
+
+
 def environment() -> list[str]:
     here = os.path.dirname(os.path.abspath(__file__))
     try:
@@ -270,6 +298,18 @@ def main(a) -> int:
           f"(state donated). The {n} simulated CPU devices share this machine's "
           f"{os.cpu_count()} cores, so the time is indicative only (on real devices the "
           "shards run in parallel).")
+    print()
+    print("Packing bounds (whole matrices, 1-device FLOPs of one matrix's update): max "
+          "per-device FLOPs ÷ (total / n) with each bucket padded to a multiple of n (what "
+          "owner-computes does) and with whole matrices of any bucket packed onto the "
+          "least-loaded device (a cross-bucket assignment):")
+    print()
+    print("| L | per-matrix update MFLOPs | bucket padding | cross-bucket packing |")
+    print("|---|---|---|---|")
+    for L in layers:
+        b = packing_bounds(tf_params(L, a.d_model), n)
+        print(f"| {L} | {b['per_matrix_mflops']} | {b['padded']:.2f} | {b['packed']:.2f} |")
+    print()
     print(f"Total wall time {time.perf_counter() - t_start:.0f} s.")
     return 0
 
