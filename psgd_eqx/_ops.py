@@ -6,7 +6,9 @@ lowered for a device, not from `jax.default_backend()` at trace time: one jitted
 compiled for a CPU runs the reference and the same step compiled for a GPU runs the kernel.
 Which sizes get a kernel under `"auto"` comes from measurements
 (`psgd_eqx_kernels.should_use_kernel`, `benchmarks/RESULTS.md`): on an H100 only the fused
-`EQ` update beats XLA, and only for large factors, so that is the only op dispatched so far.
+`EQ` update beats XLA, and only for large factors, so that is the only op `"auto"` dispatches
+so far. (The fused refit and apply, one launch per stack, are dispatched by `psgd_eqx._fused`
+under `use_kernels=True`.)
 """
 
 import functools
