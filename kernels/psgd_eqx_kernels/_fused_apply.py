@@ -69,6 +69,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Float
 
 from ._blocks import check_backend, check_dtype
+from ._kron_apply import _mm, _t  # the reference product rule shared with kron_apply
 
 
 _F32 = jnp.float32
@@ -265,17 +266,6 @@ def fused_apply_fits(
 
 
 # -- reference -------------------------------------------------------------------------
-
-
-def _mm(a, b, precision):
-    """The kernel's product rule: f32 accumulation, mixed-dtype operands cast to f32."""
-    if a.dtype != b.dtype:
-        a, b = a.astype(_F32), b.astype(_F32)
-    return jnp.matmul(a, b, precision=precision, preferred_element_type=_F32)
-
-
-def _t(x):
-    return jnp.swapaxes(x, -1, -2)
 
 
 def _diag_scale(q, diag_is_p: bool):
