@@ -142,3 +142,14 @@ def test_the_dispatch_sees_the_stack_size(monkeypatch):
     assert largest_stack("fused_factor_refit") == {12: 3, 7: 2, 6: 1}
     # applies, asked with the larger side of each matrix
     assert largest_stack("fused_kron_apply") == {20: 3, 9: 2, 40: 1}
+
+
+@pytest.mark.skipif(jax.default_backend() not in ("gpu", "tpu"), reason="needs a GPU or TPU")
+def test_compiled_fused_kernels_match_the_jnp_path():
+    # On hardware `True` launches the compiled kernels (TF32 products on GPU by default,
+    # hence the looser tolerance); the bucket, the scanned stack and the single leaf all fit.
+    want = _run(False, "PRO", steps=2)
+    got = _run(True, "PRO", steps=2)
+    for x, y in zip(_floats(got), _floats(want)):
+        scale = float(jnp.max(jnp.abs(y))) + 1e-12
+        np.testing.assert_allclose(x, y, rtol=0, atol=2e-3 * scale)
