@@ -112,7 +112,9 @@ def test_eq_reference_is_dense_step(getkey):
     assert _rel_err(ref, geo) < 1e-6
 
 
-@pytest.mark.parametrize("bound", ["one_step", "subspace"])
+# the one-step bound is checked against fit_factor by tests/test_fused_refit.py too
+@pytest.mark.parametrize("bound", [pytest.param("one_step", marks=pytest.mark.slow),
+                                   "subspace"])
 def test_pro_reference_is_dense_step(getkey, bound):
     from psgd_eqx._geometry import dense_step
     from psgd_eqx._norms import Normaliser
@@ -180,8 +182,16 @@ def test_eq_factor_update(getkey, mode, n, batch, fuse):
     assert bool(jnp.all(jnp.tril(out, -1) == 0))
 
 
+def _slow_after(cases, keep: int):
+    """The first `keep` cases in the default run, the rest with -m slow (the tiled `PRO`
+    update and Kron apply are callable directly but dispatched by no optimizer)."""
+    return list(cases[:keep]) + [pytest.param(*(c if isinstance(c, tuple) and len(c) == 3
+                                                else (c,)), marks=pytest.mark.slow)
+                                 for c in cases[keep:]]
+
+
 @_CPU_ONLY
-@pytest.mark.parametrize("mode,n,batch", _UPDATE_CASES)
+@pytest.mark.parametrize("mode,n,batch", _slow_after(_UPDATE_CASES, 2))
 def test_pro_factor_update(getkey, mode, n, batch):
     backend, interpret, blocks = _MODES[mode]
     q, t, c, eta = _pro_inputs(getkey(), n, batch, jnp.float32)
@@ -206,7 +216,7 @@ _KRON_CASES = [
 
 
 @_CPU_ONLY
-@pytest.mark.parametrize("case", _KRON_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("case", _slow_after(_KRON_CASES, 4), ids=lambda c: "-".join(map(str, c)))
 def test_kron_apply(getkey, case):
     m, n, batch, left, right, cached, triangular = case
     g, ql, qr = _kron_inputs(getkey(), m, n, batch, jnp.float32, left, right)
