@@ -577,7 +577,8 @@ KRON: tuple[Option, ...] = (
            "update of large factors), `True` (on GPU/TPU: the fused refit of every dense "
            "`PRO`/`EQ`/`QUAD` factor and the fused apply of every matrix, one launch per "
            "stack, where the operands fit on chip), `False` (never), `\"interpret\"` (the "
-           "Pallas interpreter on any platform, for tests). See the Kernels page.", one_of(*USE_KERNELS)),
+           "Pallas interpreter on any platform, for tests). See the Kernels page.",
+           one_of(*USE_KERNELS)),
 )
 
 # `kron`'s own options (the rest of `KRON` is `scale_by_kron`'s).
