@@ -181,6 +181,15 @@ def default_block_sizes(backend: str, dtype: Any, n: int, batch: int) -> BlockSi
     return BlockSizes(block_m=64, block_n=64, block_k=bk, num_warps=4, num_stages=3)
 
 
+def aligned_dim(backend: str, dim: int, lane: bool, sublane: int = _TPU_SUBLANE) -> int:
+    """`dim` zero-padded for a whole-array block (the fused kernels): on GPU (Triton) a
+    power of two ≥ 16 (`tl.dot`); on TPU (Mosaic) a multiple of 128 for a lane (last) dim
+    and of `sublane` (8 for f32, 16 to also pack bf16) for the second-to-last."""
+    if backend == "gpu":
+        return _next_pow2(max(dim, _GPU_MIN_BLOCK))
+    return _round_up(max(dim, 1), _TPU_LANE if lane else sublane)
+
+
 def pl_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

@@ -68,7 +68,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Float
 
-from ._blocks import check_backend, check_dtype
+from ._blocks import _round_up, aligned_dim, check_backend, check_dtype
 from ._kron_apply import _mm, _t  # the reference product rule shared with kron_apply
 
 
@@ -136,18 +136,8 @@ def _check(g, left, right):
 # -- plan: padding, tiles, product order, working set ----------------------------------
 
 
-def _next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (x - 1).bit_length()
-
-
-def _round_up(x: int, mult: int) -> int:
-    return -(-x // mult) * mult
-
-
 def _padded(dim: int, backend: str, lane: bool) -> int:
-    if backend == "gpu":
-        return _next_pow2(max(dim, _GPU_MIN))
-    return _round_up(max(dim, 1), _TPU_LANE if lane else _TPU_SUBLANE)
+    return aligned_dim(backend, dim, lane, sublane=_TPU_SUBLANE)
 
 
 @ft.lru_cache(maxsize=256)

@@ -82,7 +82,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, ArrayLike, Float
 
-from ._blocks import check_backend, check_dtype
+from ._blocks import aligned_dim, check_backend, check_dtype
 
 
 _F32 = jnp.float32
@@ -105,19 +105,9 @@ _LIVE_MATRICES = 6
 # -- alignment and working set ---------------------------------------------------------------
 
 
-def _next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (x - 1).bit_length()
-
-
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
 def _aligned(backend: str, dim: int, lane: bool) -> int:
     """`dim` padded for a lane (last) or sublane (second-to-last) dim of a block."""
-    if backend == "tpu":
-        return _round_up(max(dim, 1), _TPU_LANE if lane else _TPU_SUBLANE)
-    return max(_GPU_MIN, _next_pow2(dim))
+    return aligned_dim(backend, dim, lane)
 
 
 def _scalar_tile(backend: str) -> tuple[int, int]:
