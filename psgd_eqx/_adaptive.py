@@ -23,6 +23,7 @@ and Σ(axis lengths) floats of state per leaf.
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float
 
 from ._bucket import Groups
@@ -114,7 +115,7 @@ def init_staleness(groups: Groups, stacks: list, global_q) -> tuple:
     def one(g, q):
         if not isinstance(q, AbstractPrecond):
             return ()
-        rows = (len(groups.index[g]) + groups.pads[g],) if groups.stacked(g) else ()
+        rows = (groups.size(g),) if groups.stacked(g) else ()
         if isinstance(q, StackedQ):
             rows, shape = rows + q.shape[:1], q.shape[1:]
         else:
@@ -169,7 +170,7 @@ def update_staleness(
         if not es:
             continue
         per_leaf = leaf_staleness(es, debias)
-        if g < len(groups.index) and groups.stacked(g):
-            per_leaf = per_leaf[:len(groups.index[g])]
+        if g < len(groups.index) and groups.stacked(g) and groups.pads[g]:
+            per_leaf = per_leaf[np.asarray(groups.slots[g])]  # the members' rows
         total, count = total + jnp.sum(per_leaf), count + per_leaf.size
     return (debias, new), total / max(count, 1)

@@ -17,6 +17,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Int
 
+from ._owned import owned_map, owner_size
+from ._packing import device_rows, pack
+
 
 def signature(item: Any) -> tuple:
     """Items with equal signatures can be stacked: same tree structure (static fields
@@ -72,23 +75,42 @@ class Groups:
         if not enabled:
             groups = [[i] for g in groups for i in g]
         self.index: list[list[int]] = groups
-        self.pads: list[int] = [0] * len(groups)  # inert rows after a stack's members
+        self.pads: list[int] = [0] * len(groups)  # inert rows in a stack (owner-computes)
+        self.slots: list[tuple[int, ...]] = [tuple(range(len(g))) for g in groups]
+        self.owner: tuple[str, ...] | None = None  # owner-computes mesh axes, see `map`
         self._ids: tuple | None = None  # see `index_at_runtime`
 
     @classmethod
-    def from_index(cls, n: int, index, pads=None) -> "Groups":
-        """Groups of `n` leaves with the given members (a layout stored in the state) and
-        `pads[g]` inert rows after group `g`'s members in its stacks (`None`: none)."""
+    def from_index(cls, n: int, index, pads=None, slots=None, owner=None) -> "Groups":
+        """Groups of `n` leaves with the given members (a layout stored in the state),
+        `pads[g]` inert rows in group `g`'s stacks (`None`: none), its members at rows
+        `slots[g]` (`None` or `()`: in order, the padding after them), stacks sharded
+        over the mesh axes `owner` (owner-computes; `None`: not)."""
         self = cls.__new__(cls)
         self.n, self.index, self._ids = n, [list(idx) for idx in index], None
+        self.owner = owner
         self.pads = list(pads) if pads else [0] * len(self.index)
+        slots = list(slots) if slots else [()] * len(self.index)
+        self.slots = [tuple(s) if s else tuple(range(len(idx)))
+                      for s, idx in zip(slots, self.index)]
         return self
 
-    def padded_to(self, size: int) -> "Groups":
+    def padded_to(self, size: int, costs=None) -> "Groups":
         """A copy whose stacks (groups of two or more) are padded to a multiple of
-        `size` rows (owner-computes sharding: every device owns as many rows)."""
-        pads = [(-len(idx)) % size if len(idx) > 1 else 0 for idx in self.index]
-        return Groups.from_index(self.n, self.index, pads)
+        `size` rows (owner-computes sharding: every device owns as many rows), with the
+        members packed across groups by `costs` (one member's estimated work per group;
+        `None`: equal) so that every device gets a similar share (`_packing.pack`)."""
+        lengths = [len(idx) for idx in self.index]
+        pads, slots = pack(lengths, costs or [1] * len(lengths), size)
+        return Groups.from_index(self.n, self.index, pads, slots)
+
+    def size(self, g: int) -> int:
+        """The rows of group `g`'s stacks: its members and its padding."""
+        return len(self.index[g]) + self.pads[g]
+
+    def trailing(self) -> bool:
+        """Whether every group keeps its members in order, padding (if any) after."""
+        return all(s == tuple(range(len(s))) for s in self.slots)
 
     def stacked(self, g: int) -> bool:
         """Whether group `g` holds a stack (more than one leaf)."""
@@ -101,11 +123,11 @@ class Groups:
         out = []
         for g, idx in enumerate(self.index):
             if self.stacked(g):
-                rows = [values[i] for i in idx]
-                if self.pads[g]:
-                    first = rows[0] if pad_with == "first" else jax.tree.map(
-                        jnp.zeros_like, rows[0])
-                    rows += [first] * self.pads[g]
+                first = values[idx[0]]
+                fill = first if pad_with == "first" else jax.tree.map(jnp.zeros_like, first)
+                rows = [fill] * self.size(g)
+                for j, i in enumerate(idx):
+                    rows[self.slots[g][j]] = values[i]
                 out.append(jax.tree.map(lambda *xs: jnp.stack(xs), *rows))
             else:
                 out.append(values[idx[0]])
@@ -123,7 +145,8 @@ class Groups:
             if self.stacked(g):
                 for j, i in enumerate(idx):
                     if wanted is None or i in wanted:
-                        out[i] = jax.tree.map(lambda r, j=j: self._row(r, j), values[g])
+                        row = self.slots[g][j]
+                        out[i] = jax.tree.map(lambda r, k=row: self._row(r, k), values[g])
             else:
                 out[idx[0]] = values[g]
         return out
@@ -140,8 +163,8 @@ class Groups:
 
         **Returns:** a copy of these groups whose `unstack` slices that way.
         """
-        out = Groups.from_index(self.n, self.index, self.pads)
-        n = max((len(idx) for idx in self.index), default=0)
+        out = Groups.from_index(self.n, self.index, self.pads, self.slots, self.owner)
+        n = max((self.size(g) for g in range(len(self.index))), default=0)
         if n > 1:
             consts = tuple(jnp.int32(j) for j in range(n))
             out._ids = jax.lax.cond(anchor >= 0, lambda: consts,
@@ -153,15 +176,46 @@ class Groups:
             return r[j]
         return jax.lax.dynamic_index_in_dim(r, self._ids[j], keepdims=False)
 
-    def map(self, fn: Callable, *per_group: Sequence[Any]) -> list[Any]:
-        """`fn(*args)` of one leaf, on every group (vmapped over a stack)."""
+    def device_rows(self, g: int, n: int) -> list[int]:
+        """Per device of `n` owners, how many members of group `g` it holds."""
+        return device_rows(self.size(g), self.slots[g], n)
+
+    def map(self, fn: Callable, *per_group: Sequence[Any],
+            padding: Callable | None = None) -> list[Any]:
+        """`fn(*args)` of one leaf, on every group (vmapped over a stack).
+
+        With `padding` (what an inert padding row gives instead of `fn`'s output, e.g.
+        its unchanged input) and owner-computes stacks that hold padding, those stacks
+        run in one device-dependent program that skips the padding rows' work
+        (`_owned.owned_map`); the results are the same.
+        """
+        owned = []
+        if padding is not None and self.owner is not None:
+            owned = [g for g in range(len(self.index)) if self.stacked(g) and self.pads[g]]
         out = []
         for g in range(len(self.index)):
             args = tuple(a[g] for a in per_group)
-            out.append(jax.vmap(fn)(*args) if self.stacked(g) else fn(*args))
+            if g in owned:
+                out.append(None)  # below
+            else:
+                out.append(jax.vmap(fn)(*args) if self.stacked(g) else fn(*args))
+        if owned:
+            n = owner_size(self.owner)
+            results = owned_map(fn, padding, [tuple(a[g] for a in per_group) for g in owned],
+                                [self.device_rows(g, n) for g in owned], self.owner)
+            for g, r in zip(owned, results):
+                out[g] = r
         return out
 
     def indices(self) -> list[Any]:
         """Each group's leaf indices as an int32 array (a stack) or a Python int."""
-        return [jnp.asarray(idx + [idx[0]] * pad, jnp.int32) if len(idx) > 1 else idx[0]
-                for idx, pad in zip(self.index, self.pads)]
+        out: list[Any] = []
+        for g, idx in enumerate(self.index):
+            if not self.stacked(g):
+                out.append(idx[0])
+                continue
+            rows = [idx[0]] * self.size(g)  # padding rows: the first member's index
+            for j, i in enumerate(idx):
+                rows[self.slots[g][j]] = i
+            out.append(jnp.asarray(rows, jnp.int32))
+        return out

@@ -85,7 +85,8 @@ def refit_groups(
     def one(q, k, x, v):  # groups without a preconditioner (None, global slot) keep it
         return fit_one(q, k, x, v, s) if isinstance(q, AbstractPrecond) else q
 
-    out = groups.map(one, qs, keys, inputs, vectors)
+    # an inert padding row of an owner-computes stack keeps its preconditioner unfitted
+    out = groups.map(one, qs, keys, inputs, vectors, padding=lambda q, *_: q)
     if gq is not None and global_pair is not None:
         gq = fit_one(gq, global_key, *global_pair, s)
     return out, gq

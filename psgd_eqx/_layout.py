@@ -14,7 +14,6 @@ The buckets are fixed at `init` (from the preconditioner's structure and the par
 shape and dtype), so a checkpoint's layout does not depend on the gradients.
 """
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, PyTree
 
 from ._bucket import Groups
+from ._owned import owner_size  # noqa: F401  (re-exported: the layout's owner count)
 
 
 def _is_p(x) -> bool:
@@ -60,11 +60,14 @@ class LeafBuckets(eqx.Module):
         or boolean parameter, which is not trained), `None` for a bucketed leaf.
     - `index`: (static) per bucket, its members' leaf indices in flattening order.
     - `treedef`: (static) the params' tree structure.
-    - `pad`: (static) per bucket, how many inert members follow the real ones in its
-        stack (owner-computes sharding pads a stack to a multiple of the devices that
+    - `pad`: (static) per bucket, how many inert members its stack holds besides the
+        real ones (owner-computes sharding pads a stack to a multiple of the devices that
         share it); empty when nothing is padded.
     - `owner`: (static) the mesh axes the stacks of two or more members are sharded over
         (owner-computes sharding), or `None` (placement sharding).
+    - `slots`: (static) per bucket, the stack row of each member (owner-computes packs
+        the members of all buckets across the devices, `_packing.py`); empty when every
+        bucket keeps its members in order with the padding after them.
     """
 
     stacks: tuple
@@ -73,6 +76,7 @@ class LeafBuckets(eqx.Module):
     treedef: Any = eqx.field(static=True)
     pad: tuple[int, ...] = eqx.field(static=True, default=())
     owner: tuple[str, ...] | None = eqx.field(static=True, default=None)
+    slots: tuple[tuple[int, ...], ...] = eqx.field(static=True, default=())
 
     @classmethod
     def build(cls, values: Sequence[Any], groups: Groups, treedef,
@@ -93,28 +97,36 @@ class LeafBuckets(eqx.Module):
         grouped = {i for idx in groups.index for i in idx}
         loose = tuple(None if i in grouped else v for i, v in enumerate(values))
         pad = tuple(groups.pads) if any(groups.pads) else ()
+        slots = () if groups.trailing() else tuple(groups.slots)
         return cls(tuple(groups.stack(values, pad_with="first")), loose,
-                   tuple(tuple(idx) for idx in groups.index), treedef, pad, owner)
+                   tuple(tuple(idx) for idx in groups.index), treedef, pad, owner, slots)
 
     @property
     def groups(self) -> Groups:
         """The buckets as a `_bucket.Groups`."""
-        return Groups.from_index(len(self.loose), self.index, self.pad or None)
+        return Groups.from_index(len(self.loose), self.index, self.pad or None,
+                                 self.slots or None, self.owner)
+
+    def _like(self, stacks, loose=None) -> "LeafBuckets":
+        """The same layout (static fields) holding other values."""
+        return LeafBuckets(tuple(stacks), self.loose if loose is None else loose,
+                           self.index, self.treedef, self.pad, self.owner, self.slots)
 
     def with_stacks(self, stacks: Sequence[Any]) -> "LeafBuckets":
         """The same layout holding new per-bucket values."""
-        return LeafBuckets(tuple(stacks), self.loose, self.index, self.treedef, self.pad,
-                           self.owner)
+        return self._like(stacks)
 
     def leaves(self) -> list[Any]:
         """Every leaf's value, in flattening order (slices of the stacks)."""
         out = list(self.loose)
-        for idx, stack in zip(self.index, self.stacks):
+        slots = self.groups.slots
+        for g, (idx, stack) in enumerate(zip(self.index, self.stacks)):
             if len(idx) == 1:
                 out[idx[0]] = stack
                 continue
             for j, i in enumerate(idx):
-                out[i] = jax.tree.map(lambda x, j=j: _row(x, j), stack, is_leaf=_is_p)
+                row = slots[g][j]
+                out[i] = jax.tree.map(lambda x, k=row: _row(x, k), stack, is_leaf=_is_p)
         return out
 
     def tree(self) -> PyTree:
@@ -124,9 +136,8 @@ class LeafBuckets(eqx.Module):
     def shapes(self) -> list[Any]:
         """Every leaf's value with `jax.ShapeDtypeStruct`s for arrays, computed without
         slicing anything (what input checks read)."""
-        return LeafBuckets(jax.tree.map(_shape_of, self.stacks),
-                           jax.tree.map(_shape_of, self.loose), self.index,
-                           self.treedef, self.pad, self.owner).leaves()
+        return self._like(jax.tree.map(_shape_of, self.stacks),
+                          jax.tree.map(_shape_of, self.loose)).leaves()
 
     def map_members(self, fn: Callable[[Any, int], Any],
                     merge: Callable[[list[Any]], Any]) -> "LeafBuckets":
@@ -139,8 +150,7 @@ class LeafBuckets(eqx.Module):
             per = [fn(views[i], i) for i in idx]
             stacks.append(per[0] if len(idx) == 1 else merge(per))
         loose = tuple(None if v is None else fn(v, i) for i, v in enumerate(self.loose))
-        return LeafBuckets(tuple(stacks), loose, self.index, self.treedef, self.pad,
-                           self.owner)
+        return self._like(stacks, loose)
 
 
 def as_layout(precond: Any, treedef) -> LeafBuckets:
@@ -157,24 +167,6 @@ def owner_axes(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
     if value is None:
         return None
     return (value,) if isinstance(value, str) else tuple(value)
-
-
-def owner_size(axes: tuple[str, ...]) -> int:
-    """How many devices share a stack: the product of the `axes` of the mesh in context.
-
-    Raises `ValueError` when no mesh is set or it lacks one of the axes.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty:
-        raise ValueError(
-            f"`owner_axes={axes}` needs a mesh: call `init` and `update` under "
-            "`with jax.set_mesh(mesh):`."
-        )
-    missing = [a for a in axes if a not in mesh.shape]
-    if missing:
-        raise ValueError(f"`owner_axes` names {missing}, which the mesh in context "
-                         f"(axes {tuple(mesh.shape)}) does not have.")
-    return int(math.prod(mesh.shape[a] for a in axes))
 
 
 def pin_stacks(per_group: list[Any], groups: Groups, owner: tuple[str, ...] | None
@@ -218,8 +210,10 @@ def stack_inputs(items: list, groups: Groups, owner: tuple[str, ...] | None) -> 
                 cols[f][g] = items[idx[0]][f]
             continue
         for fs in _packed(list(items[idx[0]])):
-            rows = [jnp.stack([items[i][f] for f in fs]) for i in idx]
-            rows += [jnp.zeros_like(rows[0])] * groups.pads[g]
+            real = [jnp.stack([items[i][f] for f in fs]) for i in idx]
+            rows = [jnp.zeros_like(real[0])] * groups.size(g)
+            for j, row in enumerate(real):
+                rows[groups.slots[g][j]] = row
             stack = jax.lax.with_sharding_constraint(jnp.stack(rows), P(owner))
             for j, f in enumerate(fs):
                 cols[f][g] = stack[:, j]
@@ -245,7 +239,7 @@ def unstack_outputs(per_group: list[list], groups: Groups,
             stack = jax.lax.with_sharding_constraint(stack, P(owner))
             for j, i in enumerate(idx):
                 for k, f in enumerate(fs):
-                    out[f][i] = stack[j, k]
+                    out[f][i] = stack[groups.slots[g][j], k]
     return out
 
 

@@ -11,34 +11,46 @@ here for the optimizer it will be used with.
 import dataclasses
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 from jaxtyping import PyTree
 
 from ._bucket import Groups
 from ._layout import LeafBuckets, owner_axes as as_owner_axes, owner_size
+from ._packing import member_cost
 from ._transform import PSGDState
 
 
-def _repad_stack(stack, members: int, pad: int):
-    """The first `members` rows of a stack, then `pad` copies of its first row."""
-    def one(a):
-        real = a[:members]
-        if not pad:
-            return real
-        return jnp.concatenate([real, jnp.repeat(real[:1], pad, axis=0)])
+def _reslot(stack, old_rows: tuple[int, ...], new_rows: tuple[int, ...], size: int):
+    """A stack whose members sit at `old_rows`, rebuilt with them at `new_rows` of `size`
+    rows; the other (padding) rows are copies of the first member."""
+    src = [old_rows[0]] * size
+    for j, row in enumerate(new_rows):
+        src[row] = old_rows[j]
+    if [a.shape[0] for a in jax.tree.leaves(stack)][:1] == [size] and src == list(range(size)):
+        return stack  # the same layout
+    ids = np.asarray(src, np.int32)
+    return jax.tree.map(lambda a: a[ids], stack)
 
-    return jax.tree.map(one, stack)
+
+def owner_groups(layout: LeafBuckets, size: int) -> Groups:
+    """The buckets of `layout` padded and packed for `size` owners."""
+    plain = Groups.from_index(len(layout.loose), layout.index)
+    views = layout.shapes()
+    return plain.padded_to(size, [member_cost(views[idx[0]]) for idx in layout.index])
 
 
 def _repadded(layout: LeafBuckets, owner, size: int | None):
-    groups = Groups.from_index(len(layout.loose), layout.index)
-    new = groups.padded_to(size) if owner is not None else groups
+    old = layout.groups
+    new = owner_groups(layout, size) if owner is not None else Groups.from_index(
+        len(layout.loose), layout.index)
     stacks = tuple(
-        _repad_stack(stack, len(idx), pad) if len(idx) > 1 else stack
-        for stack, idx, pad in zip(layout.stacks, layout.index, new.pads)
+        _reslot(stack, old.slots[g], new.slots[g], new.size(g)) if old.stacked(g) else stack
+        for g, stack in enumerate(layout.stacks)
     )
     pads = tuple(new.pads) if any(new.pads) else ()
-    return dataclasses.replace(layout, stacks=stacks, pad=pads, owner=owner), new.pads
+    slots = () if new.trailing() else tuple(new.slots)
+    return dataclasses.replace(layout, stacks=stacks, pad=pads, owner=owner,
+                               slots=slots), (old, new)
 
 
 def relayout_owner_state(state: PyTree, owner_axes=None, *, size: int | None = None) -> PyTree:
@@ -68,14 +80,14 @@ def relayout_owner_state(state: PyTree, owner_axes=None, *, size: int | None = N
     def one(st):
         if not isinstance(st, PSGDState) or not isinstance(st.precond, LeafBuckets):
             return st
-        precond, pads = _repadded(st.precond, owner, size)
+        precond, (old, new) = _repadded(st.precond, owner, size)
         staleness = st.staleness
         if staleness is not None:
             debias, emas = staleness
-            index = st.precond.index
+            n_groups = len(old.index)
             emas = tuple(
-                tuple(_repad_stack(e, len(index[g]), pads[g]) for e in es)
-                if g < len(index) and len(index[g]) > 1 else es
+                tuple(_reslot(e, old.slots[g], new.slots[g], new.size(g)) for e in es)
+                if g < n_groups and old.stacked(g) else es
                 for g, es in enumerate(emas))
             staleness = (debias, emas)
         return dataclasses.replace(st, precond=precond, staleness=staleness)

@@ -39,6 +39,7 @@ from ._fit import FitSettings, refit_groups
 from ._init_scale import grad_stats, log_sum_abs2, scale_from_grad_stats, scale_from_hvp_logs
 from ._layout import as_layout, pin_stacks, stack_inputs, unstack_outputs
 from ._numerics import tree_all_finite
+from ._owned import zeros_like_output
 from ._options import Options
 from ._precond.stacked import StackedQ
 from ._refit import refit_decision
@@ -141,7 +142,7 @@ def _apply_all(o: Options, groups: Groups, members: list[int], preconds, m_hat: 
         for i, pre in zip(members, _global.split(flat, like)):
             glob[i] = clip(pre, *bounds)
             glob_fig[i] = update_figures(None, pre, glob[i])
-    out = groups.map(one, qs, m_hat)
+    out = groups.map(one, qs, m_hat, padding=zeros_like_output(one))  # padding rows: 0
     figs = None
     if track:
         figs = [None if x is None else x[1] for x in out]

@@ -28,6 +28,7 @@ from ._misc import as_key, concrete
 from ._momentum import init_momentum
 from ._norms import Normaliser
 from ._options import TRANSFORM, Options, takes
+from ._packing import member_cost
 from ._precond.base import AbstractPrecond
 from ._schedules import as_schedule
 from ._step import step
@@ -141,7 +142,9 @@ def _bucketed(params: PyTree, precond: PyTree, o: Options) -> LeafBuckets | PyTr
     groups = Groups(items, enabled=o.bucket_leaves is not False)
     owner = owner_axes(o.owner_axes)
     if owner is not None:
-        groups = groups.padded_to(owner_size(owner))
+        # the members of all buckets packed across the owners by their estimated work
+        groups = groups.padded_to(owner_size(owner),
+                                  [member_cost(q_leaves[idx[0]]) for idx in groups.index])
     return LeafBuckets.build(q_leaves, groups, treedef, owner)
 
 

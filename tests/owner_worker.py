@@ -42,6 +42,15 @@ def make_layers(key, n, d=16):
     } for i in range(n)]
 
 
+def transformer_params(key, n, d):
+    """`n` layers of {qkv (d, 3d), o (d, d), up (d, 4d), down (4d, d)}: four buckets."""
+    shapes = {"qkv": (d, 3 * d), "o": (d, d), "up": (d, 4 * d), "down": (4 * d, d)}
+    ks = jax.random.split(key, 4 * n)
+    return {"layers": [{name: 0.02 * jax.random.normal(ks[4 * i + j], shape)
+                        for j, (name, shape) in enumerate(shapes.items())}
+                       for i in range(n)]}
+
+
 def make_params(key):
     ks = jax.random.split(key, 3 * LAYERS + 3)
     layers = [{
@@ -205,6 +214,11 @@ def main():
     out["single_collectives"] = single["collectives"]
     for mode in ("placement", "owner"):
         out[mode] = update_costs(params, 8, owner=mode == "owner")
+    # four buckets of 4 members on 8 devices: every stack is half padding, and only the
+    # packing of the members across buckets keeps each device at an eighth of the work
+    params = transformer_params(jax.random.PRNGKey(3), 4, d=128)
+    out["packed_single_flops"] = update_costs(params, 1, owner=False)["flops"]
+    out["packed"] = update_costs(params, 8, owner=True)
     print(json.dumps(out))
 
 

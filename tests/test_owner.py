@@ -53,6 +53,59 @@ def test_owner_layout_pads_stacks_and_shards_them():
     assert specs.precond.stacks[h].factors == (P(), P())
 
 
+def _loads(lengths, costs, n):
+    from psgd_eqx._packing import pack
+
+    pads, slots = pack(lengths, costs, n)
+    load = [0] * n
+    for m, pad, rows, c in zip(lengths, pads, slots, costs):
+        if m < 2:
+            assert pad == 0 and rows == ()
+            continue
+        size = m + pad
+        assert size % n == 0 and pad < n  # a multiple of n, at most one row per device
+        assert len(set(rows)) == m and all(0 <= r < size for r in rows)
+        k = size // n
+        for d in range(n):  # each device's real rows are its first ones
+            mine = sorted(r - d * k for r in rows if r // k == d)
+            assert mine == list(range(len(mine)))
+            load[d] += len(mine) * c
+    return load
+
+
+def test_packing_balances_members_across_buckets():
+    # four buckets of 4 members on 8 devices: two buckets per half, not all on 0-3
+    load = _loads([4, 4, 4, 4], [656, 617, 543, 656], 8)
+    assert max(load) / (sum(load) / 8) <= 1.05, load
+    # multiples of n keep the plain layout (member j in row j, no padding)
+    from psgd_eqx._packing import pack
+    assert pack([8, 16, 1], [5, 3, 9], 8) == ([0, 0, 0], [tuple(range(8)),
+                                                       tuple(range(16)), ()])
+    # uneven lengths and costs: never worse than padding every stack, and within one
+    # member of the most expensive bucket of the even share (greedy longest-first)
+    for lengths, costs, n in [([3, 5, 2, 7], [10, 3, 8, 1], 4), ([2, 2, 2], [1, 1, 1], 8),
+                              ([9, 4, 6, 1], [2, 7, 3, 100], 8)]:
+        load = _loads(lengths, costs, n)
+        even = sum(m * c for m, c in zip(lengths, costs) if m > 1) / n
+        padded = sum(-(-m // n) * c for m, c in zip(lengths, costs) if m > 1)
+        assert max(load) <= padded
+        assert max(load) <= even + max(c for m, c in zip(lengths, costs) if m > 1)
+
+
+def test_owner_layout_packs_buckets_onto_different_devices():
+    d = 8
+    shapes = {"qkv": (d, 3 * d), "o": (d, d), "up": (d, 4 * d), "down": (4 * d, d)}
+    params = {"layers": [{k: jnp.ones(s) for k, s in shapes.items()} for _ in range(4)]}
+    opt = psgd_eqx.kron(1e-3, owner_axes="fsdp", max_skew_triangular=float("inf"))
+    with jax.sharding.use_abstract_mesh(_mesh(8)):
+        layout = opt.init(params)[0].precond
+    first = {min(rows) for rows in layout.slots}
+    assert layout.pad == (4, 4, 4, 4) and first == {0, 4}, layout.slots
+    # the per-leaf view reads each member from its row
+    one = psgd_eqx.kron(1e-3, max_skew_triangular=float("inf")).init(params)[0]
+    assert jax.tree.all(jax.tree.map(jnp.array_equal, layout.tree(), one.precond.tree()))
+
+
 def test_owner_axes_errors_name_the_problem():
     with pytest.raises(ValueError, match="jax.set_mesh"):
         psgd_eqx.kron(1e-3, owner_axes="fsdp").init(_params())
@@ -89,6 +142,11 @@ def test_owner_computes_on_1_2_4_8_devices_equals_one_device():
     # every bucket has 8 members on 8 devices: each device does an eighth of the work
     assert owner["flops"] <= 1.1 * out["single_flops"] / 8, (owner, out["single_flops"])
     assert owner["precond_bytes_per_device"] <= 1.01 * out["single_precond_bytes"] / 8
+    # four buckets of 4 on 8 devices: padded stacks, members packed across buckets
+    packed = out["packed"]
+    assert packed["buckets"] == 4 and packed["stack_pad"] == [4, 4, 4, 4], packed
+    assert packed["flops"] <= 1.1 * out["packed_single_flops"] / 8, packed
+    assert sum(packed["collectives"].values()) <= 2 * 4 + 4, packed
 
 
 def test_relayout_moves_a_state_between_owner_sizes_and_modes():
