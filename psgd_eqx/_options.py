@@ -443,8 +443,9 @@ TRANSFORM: tuple[Option, ...] = (
            "set with `jax.set_mesh` (needed at `init` and `update`): each bucket's stack of "
            "preconditioners is padded with inert members to a multiple of the axes' size "
            "and sharded along the stack, so each device refits and applies only the "
-           "members it owns, with one all-to-all in and one out per bucket (see the "
-           "*Scaling up* guide).", mesh_axes, static=True),
+           "members it owns, with one all-to-all in and one out per bucket; the members "
+           "of all buckets are packed across the devices by their estimated work and the "
+           "padding is skipped (see the *Scaling up* guide).", mesh_axes, static=True),
 )
 
 _BY_NAME = {o.name: o for o in TRANSFORM}
