@@ -39,8 +39,8 @@ from ._fit import FitSettings, refit_groups
 from ._init_scale import grad_stats, log_sum_abs2, scale_from_grad_stats, scale_from_hvp_logs
 from ._layout import as_layout, pin_stacks, stack_inputs, unstack_outputs
 from ._numerics import tree_all_finite
-from ._owned import zeros_like_output
 from ._options import Options
+from ._owned import zeros_like_output
 from ._precond.stacked import StackedQ
 from ._refit import refit_decision
 
