@@ -24,6 +24,7 @@ from ._diagnostics import init_tracked
 from ._eager import eager_cached
 from ._global import GLOBAL as GLOBAL, GlobalSlot
 from ._layout import LeafBuckets, as_layout, leaf_index, owner_axes, owner_size
+from ._mesh import run_auto
 from ._misc import as_key, concrete
 from ._momentum import init_momentum
 from ._norms import Normaliser
@@ -215,7 +216,13 @@ def scale_by_psgd(o: Options) -> optax.GradientTransformationExtraArgs:
         del params, extra_args
         check_update_inputs(updates, state, Hvp, vector)
         updates, Hvp, vector = jax.tree.map(as_leaf_array, (updates, Hvp, vector))
-        return step(o, probability, precond_lr, updates, state, Hvp, vector,
-                     update_preconditioner)
+
+        def run(updates, state, Hvp, vector, update_preconditioner):
+            return step(o, probability, precond_lr, updates, state, Hvp, vector,
+                        update_preconditioner)
+
+        # under a mesh with explicit axes: run with them auto, outputs placed as inputs
+        return run_auto(run, (updates, state, Hvp, vector, update_preconditioner),
+                        out_like=(updates, state))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -285,3 +285,47 @@ def test_state_memory_per_device_falls_linearly(multi_device):
         assert mem[n]["total"] == mem[1]["total"]
         # ≈ linear: at most 10% above total / n (replicated scalars and Lipschitz state)
         assert mem[n]["per_device"] <= 1.1 * mem[1]["total"] / n, (n, mem)
+
+
+def test_explicit_mesh_update_runs_and_keeps_shardings():
+    """`jax.make_mesh`'s default axes are `Explicit`: both sharding modes run under such a
+    mesh, give the numbers of the unsharded optimizer, and return the state and updates
+    with the shardings they came in with."""
+    mesh = jax.make_mesh((1,), ("fsdp",))
+    assert mesh.axis_types == (jax.sharding.AxisType.Explicit,)
+    params = {"layers": [{"w": 0.1 * jnp.ones((8, 4)) + 0.01 * i, "v": jnp.full((4, 6), 0.2)}
+                         for i in range(3)]}
+    specs = {"layers": [{"w": P("fsdp", None), "v": P(None, "fsdp")}] * 3}
+    grads = jax.tree.map(lambda p: jnp.cos(3.0 * p), params)
+    ref_opt = psgd_eqx.kron(1e-2, preconditioner_update_probability=1.0)
+    ref_state = ref_opt.init(params)
+    for _ in range(2):
+        ref_u, ref_state = ref_opt.update(grads, ref_state, params)
+    for owner in (None, "fsdp"):
+        kw = dict(learning_rate=1e-2, preconditioner_update_probability=1.0,
+                  params_partition_specs=specs, owner_axes=owner)
+        opt = psgd_eqx.kron(**kw)
+        s_specs = psgd_eqx.get_opt_state_partition_specs(params, mesh=mesh, **kw)
+        place = lambda tree, sp: jax.device_put(tree, jax.tree.map(
+            lambda s: NamedSharding(mesh, s), sp, is_leaf=lambda x: isinstance(x, P)))
+        with jax.set_mesh(mesh):
+            p = place(params, specs)
+            g = place(grads, specs)
+            state = jax.jit(opt.init)(p)
+            state = place(state, s_specs)
+            step = jax.jit(opt.update)
+            for _ in range(2):
+                u, state = step(g, state, p)
+            got = jax.tree.map(lambda x: jax.typeof(x).sharding.spec, (u, state))
+        def norm(tree):  # P(None,) and P() are the same placement
+            out = []
+            for s in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, P)):
+                t = list(s)
+                while t and t[-1] is None:
+                    t.pop()
+                out.append(tuple(t))
+            return out
+
+        assert norm(got) == norm((specs, s_specs))
+        for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(ref_u)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-7)
