@@ -63,7 +63,8 @@ def model_args(args) -> list[str]:
     """The flags that `sharded_transformer.py` and this script share, as a command line."""
     return ["--steps", str(args.steps), "--d-model", str(args.d_model),
             "--layers", str(args.layers), "--heads", str(args.heads),
-            "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--lr", str(args.lr)]
+            "--seq-len", str(args.seq_len), "--batch", str(args.batch), "--lr", str(args.lr),
+            *(["--owner"] if args.owner else [])]
 
 
 # ------------------------------------------------------------------------ one process
@@ -106,7 +107,7 @@ def run_process(args) -> dict:
         result = sharded_transformer.main(
             steps=args.steps, d_model=args.d_model, n_layers=args.layers,
             n_heads=args.heads, seq_len=args.seq_len, batch_size=args.batch,
-            learning_rate=args.lr,
+            learning_rate=args.lr, owner=args.owner,
         )
         result["process_index"] = jax.process_index()
         result["process_count"] = jax.process_count()
@@ -230,6 +231,8 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=32, help="global sequences per step (32)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (3e-3)")
     parser.add_argument("--json", default=None, help="write the result dict to this file")
+    parser.add_argument("--owner", action="store_true",
+                        help="owner-computes sharding (owner_axes='fsdp') instead of placement")
     args = parser.parse_args()
     if args.compare and not args.spawn:
         parser.error("--compare needs --spawn")

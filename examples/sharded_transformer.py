@@ -42,6 +42,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     ).strip()
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
@@ -247,8 +248,10 @@ def main(
     learning_rate: float = LR,
     log_every: int = 20,
     seed: int = SEED,
+    owner: bool = False,
 ) -> dict:
-    """Train the model for `steps` steps on `devices` devices (default: all).
+    """Train the model for `steps` steps on `devices` devices (default: all); with `owner`,
+    in owner-computes sharding mode (`owner_axes="fsdp"`) instead of placement.
 
     **Returns:** a dict with `losses` (per-step minibatch loss, a list of floats), `step_ms`
     (mean milliseconds per step, the first, compiling, step excluded), `state_bytes_per_device`
@@ -289,10 +292,15 @@ def main(
         params_partition_specs=param_specs,
         preconditioner_partition_spec=P("fsdp", None),
     )
+    if owner:  # each bucket of same-shape stacks owned whole, member by member
+        kw["owner_axes"] = "fsdp"
+    # owner-computes reads the mesh at `init` and at every `update`
+    in_mesh = (lambda: jax.set_mesh(mesh)) if owner else contextlib.nullcontext
     opt = psgd_eqx.kron(**kw)
     state_specs = psgd_eqx.get_opt_state_partition_specs(params, mesh=mesh, **kw)
     state_sh = named(mesh, state_specs)
-    opt_state = jax.jit(opt.init, out_shardings=state_sh)(params)
+    with in_mesh():
+        opt_state = jax.jit(opt.init, out_shardings=state_sh)(params)
 
     plan = psgd_eqx.plan_table(psgd_eqx.kron_plan(params, scanned_layers=flags))
     state_per_device, state_total = bytes_per_device(opt_state)
@@ -329,7 +337,8 @@ def main(
         # Every process draws the same global batch (same seed) and keeps its own rows.
         x, y = to_global((x, y), (batch_sh, batch_sh))
         t0 = time.perf_counter()
-        params, opt_state, loss = step(params, opt_state, x, y)
+        with in_mesh():
+            params, opt_state, loss = step(params, opt_state, x, y)
         losses.append(float(loss))  # blocks until the step is done
         times.append(time.perf_counter() - t0)
         if i % log_every == 0 or i == steps - 1:
@@ -363,10 +372,13 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=32, help="sequences per step (32)")
     parser.add_argument("--lr", type=float, default=LR, help=f"peak learning rate ({LR})")
     parser.add_argument("--json", default=None, help="write the result dict to this file")
+    parser.add_argument("--owner", action="store_true",
+                        help="owner-computes sharding (owner_axes='fsdp') instead of placement")
     args = parser.parse_args()
     result = main(
         steps=args.steps, devices=args.devices, d_model=args.d_model, n_layers=args.layers,
         n_heads=args.heads, seq_len=args.seq_len, batch_size=args.batch, learning_rate=args.lr,
+        owner=args.owner,
     )
     if args.json is not None:
         with open(args.json, "w") as f:

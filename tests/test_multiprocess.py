@@ -23,7 +23,10 @@ STEPS = 4
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("owner", [False, True], ids=["placement", "owner"])
+def test_two_processes_match_one(tmp_path, owner):
+    """Both sharding modes; owner-computes' buckets here hold fewer stacks than the 8
+    devices, so each device runs its own program (the packing) across the processes."""
     out = tmp_path / "result.json"
     env = dict(os.environ)
     # Halves XLA's CPU compile time; the launcher sets the device counts.
@@ -31,7 +34,8 @@ def test_two_processes_match_one(tmp_path):
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run(
         [sys.executable, str(EXAMPLE), "--spawn", "2", "--local-devices", "4", "--compare",
-         "--steps", str(STEPS), "--timeout", "500", "--json", str(out), *TINY],
+         "--steps", str(STEPS), "--timeout", "500", "--json", str(out), *TINY,
+         *(["--owner"] if owner else [])],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
