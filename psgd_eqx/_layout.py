@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, PyTree
 
 from ._bucket import Groups
+from ._mesh import take_row
 from ._owned import owner_size  # noqa: F401  (re-exported: the layout's owner count)
 
 
@@ -37,7 +38,7 @@ def _row(x, j: int):
         return P(*tuple(x)[1:])
     if isinstance(x, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
-    return x[j]
+    return take_row(x, j)
 
 
 def _shape_of(x):

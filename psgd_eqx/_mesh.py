@@ -46,3 +46,17 @@ def run_auto(fn: Callable, args: tuple, out_like: Any) -> Any:
         return fn(*args)
     out = jax.tree.map(_spec, out_like)
     return jax.sharding.auto_axes(lambda *a: fn(*a), axes=axes, out_sharding=out)(*args)
+
+
+def take_row(x, j: int):
+    """`x[j]`, also when `x`'s first axis is sharded over `Explicit` mesh axes (an
+    owner-computes stack read outside the step, e.g. by `PSGDState.preconditioners`):
+    there the row keeps the sharding of the other axes."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    mesh = getattr(sharding, "mesh", None)
+    if spec is None or not len(spec) or spec[0] is None or mesh is None or not any(
+            t == AxisType.Explicit for t in mesh.axis_types):
+        return x[j]
+    row = jax.sharding.PartitionSpec(*tuple(spec)[1:])
+    return x.at[j].get(out_sharding=jax.sharding.NamedSharding(mesh, row))

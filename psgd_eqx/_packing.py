@@ -30,17 +30,16 @@ import jax
 
 def member_cost(q: Any) -> int:
     """A static estimate of one member's refit + apply work from its preconditioner's
-    array shapes: a square trailing matrix (a dense factor, n×n, batched or not) costs
-    its size times n (a product with it), any other array its size."""
-    cost = 0
+    shapes: each square trailing matrix (a dense n×n factor, batched or not) costs a
+    product with itself (its size times n) and a contraction with the parameter (the
+    parameter's size times n); the parameter's size for the elementwise work."""
+    numel = math.prod(getattr(q, "shape", ()) or (1,))
+    cost = numel
     for x in jax.tree.leaves(q):
         shape = tuple(getattr(x, "shape", ()))
-        size = math.prod(shape)
         if len(shape) >= 2 and shape[-1] == shape[-2]:
-            cost += size * shape[-1]
-        else:
-            cost += size
-    return max(cost, 1)
+            cost += (math.prod(shape) + numel) * shape[-1]
+    return max(int(cost), 1)
 
 
 def pack(lengths: Sequence[int], costs: Sequence[int], n: int

@@ -144,6 +144,30 @@ class _Null:
         return False
 
 
+def explicit_updates(params, n, steps=STEPS):
+    """`steps` updates with fixed gradients on a mesh of `Explicit` axes (jax's default)
+    in owner-computes mode, and on one device: `(updates, states)` of both."""
+    grads = jax.tree.map(lambda p: 0.01 * jnp.cos(3.0 * p), params)
+    mesh = jax.make_mesh((n,), ("fsdp",), axis_types=(AxisType.Explicit,),
+                         devices=jax.devices()[:n])
+    pspecs = fsdp_specs(params, n)
+    kw = dict(kron_kwargs(), params_partition_specs=pspecs, owner_axes="fsdp")
+    opt = psgd_eqx.kron(**kw)
+    p_sh = shardings(mesh, pspecs)
+    s_sh = shardings(mesh, psgd_eqx.get_opt_state_partition_specs(params, mesh=mesh, **kw))
+    with jax.set_mesh(mesh):
+        p, g = jax.device_put(params, p_sh), jax.device_put(grads, p_sh)
+        state = jax.device_put(jax.jit(opt.init)(p), s_sh)
+        update = jax.jit(opt.update)
+        for _ in range(steps):
+            u, state = update(g, state, p)
+    ref = psgd_eqx.kron(**kron_kwargs())
+    ref_state = ref.init(params)
+    for _ in range(steps):
+        ref_u, ref_state = jax.jit(ref.update)(grads, ref_state, params)
+    return (u, ref_u), (state, ref_state)
+
+
 def rel_diff(a, b):
     out = 0.0
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -170,7 +194,12 @@ def update_costs(params, n, owner):
     for leaf in jax.tree.leaves(state[0].precond):
         for shard in leaf.addressable_shards:
             per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+    layout = state[0].precond
+    pads = layout.pad or (0,) * len(layout.index)
+    bucket_pad_bytes = [sum(x.nbytes for x in jax.tree.leaves(stack)) * pad // (len(idx) + pad)
+                        for idx, stack, pad in zip(layout.index, layout.stacks, pads)]
     return {"collectives": collectives(compiled.as_text()), "flops": float(cost["flops"]),
+            "max_bucket_pad_bytes": max(bucket_pad_bytes, default=0),
             "precond_bytes_per_device": max(per_device.values()),
             "buckets": sum(len(idx) > 1 for idx in state[0].precond.index),
             "stack_pad": list(state[0].precond.pad)}
@@ -205,6 +234,11 @@ def main():
                                 [(v.update_rms, v.fit_residual, v.staleness)
                                  for v in ref_d.values()]),
         }
+    # a mesh of Explicit axes (jax.make_mesh's default), owner-computes on 8 devices
+    (u, ref_u), (st, ref_st) = explicit_updates(params, 8)
+    out["explicit"] = {"updates": rel_diff(u, ref_u),
+                       "preconditioners": rel_diff(st[0].preconditioners(),
+                                                   ref_st[0].preconditioners())}
     # the costs on a tree of buckets only, each of 8 members (no padding on 8 devices),
     # with matrices large enough that the factor work outweighs the per-step scalars
     params = {"layers": make_layers(jax.random.PRNGKey(2), 8, d=128)}
@@ -217,7 +251,9 @@ def main():
     # four buckets of 4 members on 8 devices: every stack is half padding, and only the
     # packing of the members across buckets keeps each device at an eighth of the work
     params = transformer_params(jax.random.PRNGKey(3), 4, d=128)
-    out["packed_single_flops"] = update_costs(params, 1, owner=False)["flops"]
+    packed_single = update_costs(params, 1, owner=False)
+    out["packed_single_flops"] = packed_single["flops"]
+    out["packed_single_precond_bytes"] = packed_single["precond_bytes_per_device"]
     out["packed"] = update_costs(params, 8, owner=True)
     print(json.dumps(out))
 

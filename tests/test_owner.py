@@ -131,6 +131,9 @@ def test_owner_computes_on_1_2_4_8_devices_equals_one_device():
     for n, d in out["equal_tracked"].items():  # track_diagnostics + adaptive refits
         assert d["refits"][0] == d["refits"][1], (n, d)
         assert d["params"] < 2e-5 and d["figures"] < 1e-4, (n, d)
+    # owner-computes under a mesh of Explicit axes: the single-device numbers too
+    assert out["explicit"]["updates"] < 2e-5, out["explicit"]
+    assert out["explicit"]["preconditioners"] < 2e-5, out["explicit"]
     owner, placement = out["owner"], out["placement"]
     buckets = owner["buckets"]
     assert buckets == 3
@@ -147,6 +150,9 @@ def test_owner_computes_on_1_2_4_8_devices_equals_one_device():
     assert packed["buckets"] == 4 and packed["stack_pad"] == [4, 4, 4, 4], packed
     assert packed["flops"] <= 1.1 * out["packed_single_flops"] / 8, packed
     assert sum(packed["collectives"].values()) <= 2 * 4 + 4, packed
+    # memory: the even share plus at most one bucket's padding
+    assert packed["precond_bytes_per_device"] <= (
+        out["packed_single_precond_bytes"] / 8 + packed["max_bucket_pad_bytes"]), packed
 
 
 def test_relayout_moves_a_state_between_owner_sizes_and_modes():

@@ -330,3 +330,15 @@ def test_explicit_mesh_update_runs_and_keeps_shardings():
         assert norm(got) == norm((specs, s_specs))
         for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(ref_u)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-7)
+        # the per-leaf accessor reads rows of stacks sharded over explicit axes, eagerly
+        # and under jit (one device here; `owner_worker.py` reads them on 8, where the
+        # rows need the accessor's explicit out-sharding)
+        with jax.set_mesh(mesh):
+            eager = state[0].preconditioners()
+            traced = jax.jit(lambda st: st[0].preconditioner("['layers'][1]['w']"))(state)
+        want = ref_state[0].preconditioners()
+        for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-7)
+        for a, b in zip(jax.tree.leaves(traced),
+                        jax.tree.leaves(ref_state[0].preconditioner("['layers'][1]['w']"))):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-7)
