@@ -181,31 +181,39 @@ class Groups:
         return device_rows(self.size(g), self.slots[g], n)
 
     def map(self, fn: Callable, *per_group: Sequence[Any],
-            padding: Callable | None = None) -> list[Any]:
-        """`fn(*args)` of one leaf, on every group (vmapped over a stack).
-
-        With `padding` (what an inert padding row gives instead of `fn`'s output, e.g.
-        its unchanged input) and owner-computes stacks that hold padding, those stacks
-        run in one device-dependent program that skips the padding rows' work
-        (`_owned.owned_map`); the results are the same.
-        """
-        owned = []
-        if padding is not None and self.owner is not None:
-            owned = [g for g in range(len(self.index)) if self.stacked(g) and self.pads[g]]
+            skip: Sequence[int] = ()) -> list[Any]:
+        """`fn(*args)` of one leaf, on every group (vmapped over a stack); `None` for the
+        groups in `skip` (computed elsewhere, e.g. by `map_owned`)."""
         out = []
         for g in range(len(self.index)):
+            if g in skip:
+                out.append(None)
+                continue
             args = tuple(a[g] for a in per_group)
-            if g in owned:
-                out.append(None)  # below
-            else:
-                out.append(jax.vmap(fn)(*args) if self.stacked(g) else fn(*args))
-        if owned:
-            n = owner_size(self.owner)
-            results = owned_map(fn, padding, [tuple(a[g] for a in per_group) for g in owned],
-                                [self.device_rows(g, n) for g in owned], self.owner)
-            for g, r in zip(owned, results):
-                out[g] = r
+            out.append(jax.vmap(fn)(*args) if self.stacked(g) else fn(*args))
         return out
+
+    def owned(self) -> list[int]:
+        """The owner-computes stacks that hold padding: the groups `map_owned` runs."""
+        if self.owner is None:
+            return []
+        return [g for g in range(len(self.index)) if self.stacked(g) and self.pads[g]]
+
+    def map_owned(self, fn: Callable, padding: Callable, *per_group: Sequence[Any]
+                  ) -> dict[int, Any]:
+        """`fn(*args)` of one leaf on the groups of `owned()`, in one device-dependent
+        program that runs each device's real rows only (`_owned.owned_map`); a padding row
+        gives `padding(*args)` instead (same output structure, next to no work).
+
+        **Returns:** `{group: its stacked outputs}`.
+        """
+        owned = self.owned()
+        if not owned:
+            return {}
+        n = owner_size(self.owner)
+        results = owned_map(fn, padding, [tuple(a[g] for a in per_group) for g in owned],
+                            [self.device_rows(g, n) for g in owned], self.owner)
+        return dict(zip(owned, results))
 
     def indices(self) -> list[Any]:
         """Each group's leaf indices as an int32 array (a stack) or a Python int."""

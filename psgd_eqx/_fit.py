@@ -8,6 +8,8 @@ rounded stochastically.
 """
 
 import dataclasses
+import functools
+from collections.abc import Sequence
 
 from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
@@ -56,6 +58,12 @@ def fit_one(
     return tree_stochastic_round(new, q, k_round) if narrow else new
 
 
+def fit_member(q, key: PRNGKeyArray, x: Array, v: Array | None, s: FitSettings):
+    """`fit_one` for one member of a group; a group without a preconditioner of its own
+    (`None`, a global-group slot) keeps what it has."""
+    return fit_one(q, key, x, v, s) if isinstance(q, AbstractPrecond) else q
+
+
 def refit_groups(
     preconds: tuple[list, AbstractPrecond | None],
     groups: Groups,
@@ -65,6 +73,7 @@ def refit_groups(
     global_pair: tuple[Array, Array | None] | None,
     global_key: PRNGKeyArray,
     s: FitSettings,
+    skip: Sequence[int] = (),
 ) -> tuple[list, AbstractPrecond | None]:
     """Refit every group's preconditioners (one `vmap`ped call per stacked group) and the
     global one.
@@ -77,16 +86,15 @@ def refit_groups(
     - `global_pair`: the global group's concatenated `(input, probe)`, or `None`.
     - `global_key`: the global fit's key.
     - `s`: the settings.
+    - `skip`: groups refitted elsewhere (owner-computes stacks with padding, `_step.py`):
+        their preconditioners are returned unchanged.
 
     **Returns:** `(per-group preconditioners, global preconditioner)`.
     """
     qs, gq = preconds
-
-    def one(q, k, x, v):  # groups without a preconditioner (None, global slot) keep it
-        return fit_one(q, k, x, v, s) if isinstance(q, AbstractPrecond) else q
-
-    # an inert padding row of an owner-computes stack keeps its preconditioner unfitted
-    out = groups.map(one, qs, keys, inputs, vectors, padding=lambda q, *_: q)
+    fit = functools.partial(fit_member, s=s)
+    out = groups.map(fit, qs, keys, inputs, vectors, skip=skip)
+    out = [q if g in skip else new for g, (q, new) in enumerate(zip(qs, out))]
     if gq is not None and global_pair is not None:
         gq = fit_one(gq, global_key, *global_pair, s)
     return out, gq

@@ -8,13 +8,14 @@ partitioner, would still run every row: the padding rows cost as much as real on
 since every device holds rows of every bucket, the device with the most real work sets
 the pace of all of them.
 
-So the expensive parts of the step (refit, apply) run on padded stacks in one
-`jax.shard_map` over the owner axes: each device reads its *pattern* (how many real rows
-it holds of every padded bucket) from its index on those axes and `lax.switch`es to the
-program for that pattern, which runs the per-leaf function on its real rows only and
-gives the padding rows a cheap stand-in (`padding`: the unchanged preconditioner for a
-refit, zeros for an update). A model has few patterns (two for four buckets of 4 members
-on 8 devices), so the switch adds a few branches, compiled once each.
+So the expensive part of the step (the refit and the apply of each member, as one
+function: `_step._owned_steps`) runs on padded stacks in one `jax.shard_map` over the
+owner axes: each device reads its *pattern* (how many real rows it holds of every padded
+bucket) from its index on those axes and `lax.switch`es to the program for that pattern,
+which runs the per-leaf function on its real rows only and gives the padding rows a cheap
+stand-in (`padding`: the unchanged preconditioner and a zero update). A model has few
+patterns (two for four buckets of 4 members on 8 devices), so the switch adds a few
+branches, compiled once each.
 
 Stacks without padding keep the plain `vmap` (every device's rows are all real there).
 """
@@ -44,14 +45,6 @@ def owner_size(axes: tuple[str, ...]) -> int:
         raise ValueError(f"`owner_axes` names {missing}, which the mesh in context "
                          f"(axes {tuple(mesh.shape)}) does not have.")
     return int(math.prod(mesh.shape[a] for a in axes))
-
-
-def zeros_like_output(fn: Callable) -> Callable:
-    """A `padding` for `owned_map`: zeros shaped like `fn`'s output."""
-    def padding(*args):
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, *args))
-
-    return padding
 
 
 def _rows(tree: Any, start: int, stop: int | None) -> Any:

@@ -22,6 +22,7 @@ depend on the grouping (up to float rounding).
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -35,12 +36,11 @@ from ._adaptive import AdaptiveRefits, update_staleness
 from ._apply import clip, clip_leaf, global_norm_factor
 from ._bucket import Groups
 from ._diagnostics import Tracked, fit_stats, update_figures
-from ._fit import FitSettings, refit_groups
+from ._fit import FitSettings, fit_member, refit_groups
 from ._init_scale import grad_stats, log_sum_abs2, scale_from_grad_stats, scale_from_hvp_logs
 from ._layout import as_layout, pin_stacks, stack_inputs, unstack_outputs
 from ._numerics import tree_all_finite
 from ._options import Options
-from ._owned import zeros_like_output
 from ._precond.stacked import StackedQ
 from ._refit import refit_decision
 
@@ -118,21 +118,32 @@ def _global_pair(groups: Groups, members: list[int], inputs: list, vectors: list
             None if v is None else _global.concat([v[i] for i in members]))
 
 
-def _apply_all(o: Options, groups: Groups, members: list[int], preconds, m_hat: list):
-    """clip(P·m): per group (vmapped over a stack; `None` for the global group's
-    members), `{leaf index: update}` of the global group's one preconditioner over its
-    members' concatenated momenta, and, with `track_diagnostics`, the same two layouts of
-    `(RMS before clipping, clipped)` (else `None`)."""
-    qs, gq = preconds
+def _apply_member(o: Options) -> Callable:
+    """clip(P·m) of one member (`(update, figures)` with `track_diagnostics`; `None` for
+    a global-group slot, whose update comes from the global preconditioner)."""
     bounds = (o.grad_clip_max_amp, o.grad_clip_max_element, o.update_clip_style)
-    track = o.track_diagnostics
 
     def one(q, m):
         if _global.is_slot(q):
             return None
         pre = m if q is None else q.apply(m)
         u = clip_leaf(q, pre, *bounds)
-        return (u, update_figures(q, pre, u)) if track else u
+        return (u, update_figures(q, pre, u)) if o.track_diagnostics else u
+
+    return one
+
+
+def _apply_all(o: Options, groups: Groups, members: list[int], preconds, m_hat: list,
+               owned: dict):
+    """clip(P·m): per group (vmapped over a stack; `None` for the global group's
+    members; the groups in `owned` already computed by the owner-computes program),
+    `{leaf index: update}` of the global group's one preconditioner over its members'
+    concatenated momenta, and, with `track_diagnostics`, the same two layouts of
+    `(RMS before clipping, clipped)` (else `None`)."""
+    qs, gq = preconds
+    bounds = (o.grad_clip_max_amp, o.grad_clip_max_element, o.update_clip_style)
+    track = o.track_diagnostics
+    one = _apply_member(o)
 
     glob, glob_fig = {}, {}
     if members:
@@ -142,7 +153,8 @@ def _apply_all(o: Options, groups: Groups, members: list[int], preconds, m_hat: 
         for i, pre in zip(members, _global.split(flat, like)):
             glob[i] = clip(pre, *bounds)
             glob_fig[i] = update_figures(None, pre, glob[i])
-    out = groups.map(one, qs, m_hat, padding=zeros_like_output(one))  # padding rows: 0
+    out = groups.map(one, qs, m_hat, skip=list(owned))
+    out = [owned.get(g, u) for g, u in enumerate(out)]
     figs = None
     if track:
         figs = [None if x is None else x[1] for x in out]
@@ -157,6 +169,39 @@ def _apply_all(o: Options, groups: Groups, members: list[int], preconds, m_hat: 
                     for f in figs]
             glob_fig = {i: (f[0], factor < 1) for i, f in glob_fig.items()}
     return out, glob, (figs, glob_fig) if track else None
+
+
+def _owned_steps(o: Options, groups: Groups, do_refit: Bool[Array, ""], settings: FitSettings,
+                 qs: list, keys: list, inputs: list, vectors: list, m_hat: list):
+    """The refit (if `do_refit`) and the apply of every owner-computes stack that holds
+    padding, as *one* per-member function run by `Groups.map_owned`: each device runs
+    the program for the rows it really holds, and padding rows keep their preconditioner
+    and give zero updates. One program for both (rather than one per part) makes the
+    busiest device's work the most expensive branch of one `switch`, which is also what
+    `cost_analysis()` reports; with two switches it would add up two maxima that may come
+    from different devices.
+
+    **Returns:** `({group: new preconditioners}, {group: what `_apply_member` gives})`,
+    empty without such stacks.
+    """
+    apply = _apply_member(o)
+    fit = functools.partial(fit_member, s=settings)
+
+    def member(q, key, x, v, m):
+        def refit(q):
+            return jax.lax.cond(do_refit, lambda q: fit(q, key, x, v), lambda q: q, q)
+
+        if o.update_preconditioner_first:
+            q = refit(q)
+            return q, apply(q, m)
+        return refit(q), apply(q, m)
+
+    def padding(q, key, x, v, m):
+        out = jax.eval_shape(apply, q, m)
+        return q, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out)
+
+    results = groups.map_owned(member, padding, qs, keys, inputs, vectors, m_hat)
+    return ({g: r[0] for g, r in results.items()}, {g: r[1] for g, r in results.items()})
 
 
 def _fit_stats(groups: Groups, qs: list, gq, inputs: list, vectors: list, pair) -> list:
@@ -311,15 +356,21 @@ def step(
     settings = FitSettings(newton, o.damping, precond_lr(count), state.normaliser,
                            o.balance_probability, o.stochastic_rounding)
 
+    keys = _rng.split(k_refit, n + 1)  # leaf i's key is keys[i], bucketed or not
+    per_group_keys = [keys[i] for i in groups.indices()]
+    # Owner-computes stacks with padding: refit and apply in one device-dependent program
+    # that skips the padding rows (see `_owned_steps`); the other groups below.
+    owned_qs, owned_out = _owned_steps(o, groups, do_refit, settings, qs, per_group_keys,
+                                       inputs, vectors, m_hat)
+    skip = list(owned_qs)
+
     def refit(preconds):
-        keys = _rng.split(k_refit, n + 1)  # leaf i's key is keys[i], bucketed or not
-        per_group_keys = [keys[i] for i in groups.indices()]
         pair = _global_pair(groups, members, inputs, vectors if newton else None)
         return refit_groups(preconds, groups, per_group_keys, inputs, vectors, pair,
-                            keys[-1], settings)
+                            keys[-1], settings, skip=skip)
 
     def apply(preconds):
-        return _apply_all(o, groups, members, preconds, m_hat)
+        return _apply_all(o, groups, members, preconds, m_hat, owned_out)
 
     def maybe_refit(preconds):
         return jax.lax.cond(do_refit, refit, lambda x: x, preconds)
@@ -330,6 +381,7 @@ def step(
     else:
         out = apply((qs, gq))
         qs, gq = maybe_refit((qs, gq))
+    qs = [owned_qs.get(g, q) for g, q in enumerate(qs)]
 
     def merged(per_group, old):
         return jax.tree.unflatten(treedef, leafwise(per_group, old))
