@@ -278,6 +278,39 @@ def _per_leaf_outputs(groups: Groups, owner, treedef, inert: list[bool], g_leave
     return out, new_mu
 
 
+def _refit_and_apply(o: Options, groups: Groups, members: list[int], preconds,
+                     do_refit: Bool[Array, ""], settings: FitSettings, keys, inputs: list,
+                     vectors: list, m_hat: list):
+    """The refits (all under one `lax.cond` on `do_refit`) and the apply, in the order
+    `update_preconditioner_first` says. Owner-computes stacks with padding get both from
+    one device-dependent program that skips the padding rows (`_owned_steps`).
+
+    **Returns:** `(per-group preconditioners, global one, what `_apply_all` gives)`.
+    """
+    newton = settings.newton
+    per_group_keys = [keys[i] for i in groups.indices()]  # leaf i's key is keys[i]
+    owned_qs, owned_out = _owned_steps(o, groups, do_refit, settings, preconds[0],
+                                       per_group_keys, inputs, vectors, m_hat)
+    skip = list(owned_qs)
+
+    def refit(preconds):
+        pair = _global_pair(groups, members, inputs, vectors if newton else None)
+        return refit_groups(preconds, groups, per_group_keys, inputs, vectors, pair,
+                            keys[-1], settings, skip=skip)
+
+    def maybe_refit(preconds):
+        return jax.lax.cond(do_refit, refit, lambda x: x, preconds)
+
+    if o.update_preconditioner_first:
+        preconds = maybe_refit(preconds)
+        out = _apply_all(o, groups, members, preconds, m_hat, owned_out)
+    else:
+        out = _apply_all(o, groups, members, preconds, m_hat, owned_out)
+        preconds = maybe_refit(preconds)
+    qs, gq = preconds
+    return [owned_qs.get(g, q) for g, q in enumerate(qs)], gq, out
+
+
 def step(
     o: Options,
     probability: Callable | None,  # None: set by the adaptive schedule in the step
@@ -356,32 +389,8 @@ def step(
     settings = FitSettings(newton, o.damping, precond_lr(count), state.normaliser,
                            o.balance_probability, o.stochastic_rounding)
 
-    keys = _rng.split(k_refit, n + 1)  # leaf i's key is keys[i], bucketed or not
-    per_group_keys = [keys[i] for i in groups.indices()]
-    # Owner-computes stacks with padding: refit and apply in one device-dependent program
-    # that skips the padding rows (see `_owned_steps`); the other groups below.
-    owned_qs, owned_out = _owned_steps(o, groups, do_refit, settings, qs, per_group_keys,
-                                       inputs, vectors, m_hat)
-    skip = list(owned_qs)
-
-    def refit(preconds):
-        pair = _global_pair(groups, members, inputs, vectors if newton else None)
-        return refit_groups(preconds, groups, per_group_keys, inputs, vectors, pair,
-                            keys[-1], settings, skip=skip)
-
-    def apply(preconds):
-        return _apply_all(o, groups, members, preconds, m_hat, owned_out)
-
-    def maybe_refit(preconds):
-        return jax.lax.cond(do_refit, refit, lambda x: x, preconds)
-
-    if o.update_preconditioner_first:
-        qs, gq = maybe_refit((qs, gq))
-        out = apply((qs, gq))
-    else:
-        out = apply((qs, gq))
-        qs, gq = maybe_refit((qs, gq))
-    qs = [owned_qs.get(g, q) for g, q in enumerate(qs)]
+    qs, gq, out = _refit_and_apply(o, groups, members, (qs, gq), do_refit, settings,
+                                   _rng.split(k_refit, n + 1), inputs, vectors, m_hat)
 
     def merged(per_group, old):
         return jax.tree.unflatten(treedef, leafwise(per_group, old))
