@@ -1,4 +1,4 @@
-"""Owner-computes work that skips the padding: one device-dependent program per step part.
+"""Owner-computes work that skips the padding: one device-dependent program per step.
 
 Under owner-computes sharding every bucket's stack is sharded along its first axis, so
 each device holds `k` rows of it; `_packing.py` decides which of them are real members
