@@ -60,3 +60,19 @@ def standard_promotion(factory):
         return optax.GradientTransformationExtraArgs(opt.init, update)
 
     return wrapped
+
+
+def noisy_sin_steps(opt, params, steps: int):
+    """`steps` jitted training steps of `opt` on the gradient sin(3x) + 0.1·noise (fixed
+    keys): `(params, state)` after them."""
+    state = opt.init(params)
+
+    @jax.jit
+    def step(p, s, k):
+        g = jax.tree.map(lambda x: jnp.sin(3.0 * x) + 0.1 * jax.random.normal(k, x.shape), p)
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    for k in jax.random.split(jax.random.PRNGKey(1), steps):
+        params, state = step(params, state, k)
+    return params, state

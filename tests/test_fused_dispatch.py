@@ -7,11 +7,12 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import psgd_eqx_kernels as kernels
 import pytest
 
 import psgd_eqx
+
+from .helpers import noisy_sin_steps
 
 
 def _params(only=None):
@@ -36,19 +37,7 @@ def _opt(use_kernels, geometry, cache=False, only=None):
 
 
 def _run(use_kernels, geometry, cache=False, steps=3, only=None):
-    params = _params(only)
-    opt = _opt(use_kernels, geometry, cache, only)
-    state = opt.init(params)
-
-    @jax.jit
-    def step(p, s, k):
-        g = jax.tree.map(lambda x: jnp.sin(3.0 * x) + 0.1 * jax.random.normal(k, x.shape), p)
-        u, s = opt.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
-    for k in jax.random.split(jax.random.PRNGKey(1), steps):
-        params, state = step(params, state, k)
-    return params, state
+    return noisy_sin_steps(_opt(use_kernels, geometry, cache, only), _params(only), steps)
 
 
 def _floats(tree):

@@ -5,26 +5,17 @@ import functools as ft
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import psgd_eqx
+
+from .helpers import noisy_sin_steps
 
 
 def _run(use_kernels, steps=3, geometry="EQ"):
     params = {"w": jax.random.normal(jax.random.PRNGKey(0), (16, 24)), "b": jnp.zeros(24)}
     opt = psgd_eqx.kron(1e-2, geometry=geometry, use_kernels=use_kernels)
-    state = opt.init(params)
-
-    @jax.jit
-    def step(p, s, k):
-        g = jax.tree.map(lambda x: jnp.sin(3.0 * x) + 0.1 * jax.random.normal(k, x.shape), p)
-        u, s = opt.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
-    for k in jax.random.split(jax.random.PRNGKey(1), steps):
-        params, state = step(params, state, k)
-    return params, state
+    return noisy_sin_steps(opt, params, steps)
 
 
 def _assert_close(a, b, rtol):
