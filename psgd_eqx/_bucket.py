@@ -77,7 +77,7 @@ class Groups:
         self.index: list[list[int]] = groups
         self.pads: list[int] = [0] * len(groups)  # inert rows in a stack (owner-computes)
         self.slots: list[tuple[int, ...]] = [tuple(range(len(g))) for g in groups]
-        self.owner: tuple[str, ...] | None = None  # owner-computes mesh axes, see `map`
+        self.owner: tuple[str, ...] | None = None  # owner-computes axes, see `map_owned`
         self._ids: tuple | None = None  # see `index_at_runtime`
 
     @classmethod
