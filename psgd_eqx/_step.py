@@ -279,7 +279,7 @@ def _per_leaf_outputs(groups: Groups, owner, treedef, inert: list[bool], g_leave
 
 
 def _refit_and_apply(o: Options, groups: Groups, members: list[int], preconds,
-                     do_refit: Bool[Array, ""], settings: FitSettings, keys, inputs: list,
+                     do_refit: Bool[Array, ""], settings: FitSettings, key, inputs: list,
                      vectors: list, m_hat: list):
     """The refits (all under one `lax.cond` on `do_refit`) and the apply, in the order
     `update_preconditioner_first` says. Owner-computes stacks with padding get both from
@@ -288,15 +288,22 @@ def _refit_and_apply(o: Options, groups: Groups, members: list[int], preconds,
     **Returns:** `(per-group preconditioners, global one, what `_apply_all` gives)`.
     """
     newton = settings.newton
-    per_group_keys = [keys[i] for i in groups.indices()]  # leaf i's key is keys[i]
-    owned_qs, owned_out = _owned_steps(o, groups, do_refit, settings, preconds[0],
-                                       per_group_keys, inputs, vectors, m_hat)
+
+    def leaf_keys():  # leaf i's key is keys[i], bucketed or not; then the global one
+        keys = _rng.split(key, groups.n + 1)
+        return [keys[i] for i in groups.indices()], keys[-1]
+
+    owned_qs, owned_out = {}, {}
+    if groups.owned():  # (the keys are derived inside the refit's cond otherwise)
+        owned_qs, owned_out = _owned_steps(o, groups, do_refit, settings, preconds[0],
+                                           leaf_keys()[0], inputs, vectors, m_hat)
     skip = list(owned_qs)
 
     def refit(preconds):
         pair = _global_pair(groups, members, inputs, vectors if newton else None)
+        per_group_keys, global_key = leaf_keys()
         return refit_groups(preconds, groups, per_group_keys, inputs, vectors, pair,
-                            keys[-1], settings, skip=skip)
+                            global_key, settings, skip=skip)
 
     def maybe_refit(preconds):
         return jax.lax.cond(do_refit, refit, lambda x: x, preconds)
@@ -390,7 +397,7 @@ def step(
                            o.balance_probability, o.stochastic_rounding)
 
     qs, gq, out = _refit_and_apply(o, groups, members, (qs, gq), do_refit, settings,
-                                   _rng.split(k_refit, n + 1), inputs, vectors, m_hat)
+                                   k_refit, inputs, vectors, m_hat)
 
     def merged(per_group, old):
         return jax.tree.unflatten(treedef, leafwise(per_group, old))
