@@ -171,6 +171,13 @@ class Groups:
                                     lambda: (jnp.int32(0),) * n)
         return out
 
+    def rows(self, r: Array, start: int, n: int) -> Array:
+        """`r[start:start + n]`, sliced at a runtime position when `index_at_runtime`
+        was called (one kernel per slice shape, as for `unstack`)."""
+        if self._ids is None:
+            return r[start:start + n]
+        return jax.lax.dynamic_slice_in_dim(r, self._ids[0] + start, n)
+
     def _row(self, r: Array, j: int) -> Array:
         if self._ids is None:
             return r[j]

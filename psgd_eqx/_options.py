@@ -433,9 +433,11 @@ TRANSFORM: tuple[Option, ...] = (
            "leaves with identical structure and shapes, `vmap`ped over the bucket: compile "
            "time and per-step overhead then grow with the number of buckets, not leaves; "
            "the state stores each bucket's preconditioners as one stack "
-           "([`psgd_eqx.LeafBuckets`][]) and every leaf keeps its own keys. `\"auto\"` and "
-           "`True` bucket (`\"auto\"` is kept for backward compatibility); `False` runs "
-           "every leaf separately.", one_of(True, False, "auto")),
+           "([`psgd_eqx.LeafBuckets`][]) and every leaf keeps its own keys. Buckets whose "
+           "preconditioners differ only by the order of their axes (an MLP's (d, 4d) and "
+           "(4d, d) weights) are also refitted in one call, in a shared layout. `\"auto\"` "
+           "and `True` bucket (`\"auto\"` is kept for backward compatibility); `False` "
+           "runs every leaf separately.", one_of(True, False, "auto")),
     Option("owner_axes", None,
            "`None` (default): *placement* sharding, every state array follows its "
            "parameter's `PartitionSpec` and XLA decides the communication. A mesh axis "

@@ -303,7 +303,8 @@ def _refit_and_apply(o: Options, groups: Groups, members: list[int], preconds,
         pair = _global_pair(groups, members, inputs, vectors if newton else None)
         per_group_keys, global_key = leaf_keys()
         return refit_groups(preconds, groups, per_group_keys, inputs, vectors, pair,
-                            global_key, settings, skip=skip)
+                            global_key, settings, skip=skip,
+                            merge=o.bucket_leaves is not False)
 
     def maybe_refit(preconds):
         return jax.lax.cond(do_refit, refit, lambda x: x, preconds)

@@ -153,6 +153,21 @@ class AbstractPrecond(eqx.Module):
         """The structure's fitting step behind `update`, on an already checked pair
         (`v` is `None` only if `needs_v` is false); `update` adds the finite guard."""
 
+    # -- the fit form (see `_fit.py`): structures that are permutations of each other are
+    # fitted as one. The defaults say "no other form".
+
+    def _fit_form(self) -> "AbstractPrecond":
+        """This preconditioner in its canonical fit layout (`self` when it has no other)."""
+        return self
+
+    def _fit_input(self, x: Array) -> Array:
+        """A fit input (h or v, the parameter's shape) in the layout of `_fit_form`."""
+        return x
+
+    def _from_fit_form(self, fitted: "AbstractPrecond") -> "AbstractPrecond":
+        """`fitted` (the fit of `_fit_form()`) back in this preconditioner's layout."""
+        return fitted
+
     @property
     @abc.abstractmethod
     def needs_v(self) -> bool:

@@ -367,6 +367,47 @@ class KronQ(AbstractGeometryPrecond):
             return None
         return tuple(None if c is None else c.astype(cd) for c in self.cache)
 
+    # -- the fit form: KronQs whose axes are permutations of each other (an MLP's w_in
+    # (d, 4d) and w_out (4d, d)) are fitted in one layout, so the optimizer compiles one
+    # refit for both (`_fit.refit_groups`). Fitting in the permuted layout is the same
+    # maths; only which random numbers each factor draws differs, and the optimizer
+    # always fits in this form, so its results do not depend on what was merged.
+
+    def _fit_order(self) -> tuple[int, ...]:
+        """The canonical order of the axes: dense factors first, then by size (stable)."""
+        axes = self.axes_shape
+        return tuple(sorted(range(len(axes)), key=lambda i: (not self.dense[i], axes[i])))
+
+    def _in_fit_form(self) -> bool:
+        order = self._fit_order()
+        return order == tuple(range(len(order))) and self.shape == self.axes_shape
+
+    def _fit_form(self) -> "KronQ":
+        if self._in_fit_form():
+            return self
+        order = self._fit_order()
+        axes = self.axes_shape
+        cache = None if self.cache is None else tuple(self.cache[i] for i in order)
+        return KronQ(tuple(self.factors[i] for i in order),
+                     self.lipschitz[jnp.asarray(order)], cache,
+                     tuple(axes[i] for i in order), tuple(self.dense[i] for i in order),
+                     self.geometry, None, self.use_kernels)
+
+    def _fit_input(self, x: Array) -> Array:
+        if self._in_fit_form():
+            return x
+        return jnp.transpose(x.reshape(self.axes_shape), self._fit_order())
+
+    def _from_fit_form(self, fitted: "KronQ") -> "KronQ":
+        if self._in_fit_form():
+            return fitted
+        order = self._fit_order()
+        back = tuple(order.index(i) for i in range(len(order)))
+        cache = None if fitted.cache is None else tuple(fitted.cache[j] for j in back)
+        return KronQ(tuple(fitted.factors[j] for j in back),
+                     fitted.lipschitz[jnp.asarray(back)], cache, self.shape, self.dense,
+                     self.geometry, self.merged, self.use_kernels)
+
     def rescale(self, scale: ArrayLike) -> "KronQ":
         """Q ← scale·Q, spread evenly over the factors (scale^(1/k) each).
 
