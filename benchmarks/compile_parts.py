@@ -17,7 +17,12 @@ compile). Variants replace one part of the step by a stub *in the child process 
     python benchmarks/compile_parts.py [--reps 3] [--layers 16]
 
 Also prints the XLA CPU backend at `--xla_backend_optimization_level=0` for `full`, to
-show how much of the compile is LLVM's optimisation of the fused kernels.
+show how much of the compile is LLVM's optimisation of the fused kernels. `--before
+NAME=DIR` adds `full` with another commit's library (exported to DIR) to the same
+interleaved run, for a before/after:
+
+    git archive REV psgd_eqx | tar -x -C benchmarks/out/lib_REV
+    python benchmarks/compile_parts.py --variants full --before REV=benchmarks/out/lib_REV
 """
 
 import argparse
@@ -26,6 +31,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 
 
 CHILD = r"""
@@ -54,21 +60,28 @@ else:
     fn, args = opt.update, (tiny_grads(params), opt.init(params), params)
 w0, c0 = time.perf_counter(), time.process_time()
 jax.jit(fn).lower(*args).compile()
-print(json.dumps({"wall": time.perf_counter() - w0, "cpu": time.process_time() - c0}))
+print(json.dumps({"wall": time.perf_counter() - w0, "cpu": time.process_time() - c0,
+                  "lib": os.path.dirname(psgd_eqx.__file__)}))
 """
 
 VARIANTS = ("full", "no_probe", "no_refit", "all_diag", "adam_train", "full_O0")
 
 
-def run(variant: str, layers: int) -> dict:
+def run(variant: str, layers: int, libs: dict | None = None) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     name = variant
+    if "@" in variant:  # `full@NAME`: the library exported to the folder libs[NAME]
+        name, lib = variant.split("@")
+        env["PYTHONPATH"] = os.path.abspath(libs[lib])
     if variant == "full_O0":
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0")
         name = "full"
     here = os.path.abspath(__file__)
+    # run outside the checkout, so that `import psgd_eqx` is the installed library or
+    # the PYTHONPATH one, never the working directory's
     out = subprocess.run([sys.executable, "-c", CHILD, here, name, str(layers)], env=env,
-                         capture_output=True, text=True, timeout=600, check=True)
+                         capture_output=True, text=True, timeout=600, check=True,
+                         cwd=tempfile.gettempdir())
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -76,12 +89,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma-separated subset of the variants (adam_train is always run)")
+    ap.add_argument("--before", action="append", default=[], metavar="NAME=DIR",
+                    help="also time `full` with the library exported to DIR (e.g. `git "
+                         "archive REV psgd_eqx | tar -x -C DIR`), as the variant full@NAME: "
+                         "a before/after in the same run")
     a = ap.parse_args(argv)
-    times: dict = {v: [] for v in VARIANTS}
+    libs = dict(b.split("=", 1) for b in a.before)
+    variants = tuple(dict.fromkeys([*a.variants.split(","), "adam_train",
+                                    *(f"full@{n}" for n in libs)]))
+    times: dict = {v: [] for v in variants}
     for r in range(a.reps):
-        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
         for v in order:
-            times[v].append(run(v, a.layers))
+            times[v].append(run(v, a.layers, libs))
             print(f"rep {r} {v}: {times[v][-1]['wall']:.2f} s", file=sys.stderr, flush=True)
     med = {v: {k: statistics.median(t[k] for t in ts) for k in ("wall", "cpu")}
            for v, ts in times.items()}
@@ -89,10 +111,10 @@ def main(argv=None) -> int:
     print(f"| variant ({a.layers} layers) | lower + compile wall s | CPU s | × adam train step "
           "(wall) | vs full (wall) |")
     print("|---|---|---|---|---|")
-    for v in VARIANTS:
+    for v in variants:
         m = med[v]
         print(f"| {v} | {m['wall']:.2f} | {m['cpu']:.2f} | {m['wall'] / adam:.2f}× | "
-              f"{m['wall'] - med['full']['wall']:+.2f} |")
+              f"{m['wall'] - med.get('full', m)['wall']:+.2f} |")
     return 0
 
 
