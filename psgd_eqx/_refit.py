@@ -8,9 +8,10 @@ draw. The first step always refits, and no step refits on non-finite inputs.
 
 from collections.abc import Callable
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
+
+from . import _rng
 
 
 def refit_decision(
@@ -41,7 +42,7 @@ def refit_decision(
         return jnp.asarray(override, bool) & fit_ok, accumulator
     prob = probability(count)
     if bernoulli:
-        want = jax.random.uniform(key) < prob
+        want = _rng.uniform(key) < prob
     else:
         accumulator = accumulator + prob
         want = accumulator >= 1.0

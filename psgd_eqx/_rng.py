@@ -30,6 +30,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, UInt32
 _SPLIT = np.uint32(0x9E3779B9)
 _FOLD = np.uint32(0x85EBCA6B)
 _DRAW = np.uint32(0xC2B2AE35)
+_NEXT = np.uint32(0x27D4EB2F)
 
 
 # The hash is written with `lax` primitives rather than `jnp` operators: each `jnp`
@@ -82,6 +83,18 @@ def bits(key: ArrayLike, shape: Sequence[int]) -> UInt32[Array, "..."]:
 def split(key: ArrayLike, num: int = 2) -> UInt32[Array, "num 2"]:
     """`num` independent keys (two words each) derived from `key`."""
     return lax.reshape(_hash(key, _counter(2 * num), _SPLIT), (num, 2))
+
+
+def successor(key: ArrayLike) -> Array:
+    """The key after `key`, of the same kind (a typed JAX key of any implementation, or
+    raw key data of any length and dtype): what an optimizer state keeps for its next
+    step. Derived with the hash rather than `jax.random.split`, whose threefry rounds are
+    a compiled loop of their own in every step."""
+    key = jnp.asarray(key)
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    data = jax.random.key_data(key) if typed else key
+    new = lax.reshape(_hash(key, _counter(data.size), _NEXT), data.shape).astype(data.dtype)
+    return jax.random.wrap_key_data(new, impl=jax.random.key_impl(key)) if typed else new
 
 
 def fold_in(key: ArrayLike, data: ArrayLike) -> UInt32[Array, "2"]:

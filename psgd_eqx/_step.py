@@ -360,7 +360,8 @@ def step(
     qs = pin_stacks(list(layout.stacks), groups, owner)
     gq = state.global_precond if members else None
     count, finite = state.count, tree_all_finite(grads_g)
-    key, k_refit, k_draw, k_round = jax.random.split(state.key, 4)
+    k_refit, k_draw, k_round = _rng.split(state.key, 3)
+    key = _rng.successor(state.key)
 
     m_hat = grads_g
     if state.mu is not None:
