@@ -80,7 +80,9 @@ def _merge_classes(groups: Groups, forms: dict) -> list[list[int]]:
     (`bucket.signature` of one member's `(q, key, x, v)`), in first-seen order."""
     classes: dict = {}
     for g, args in forms.items():
-        member = jax.tree.map(lambda a: a[0], args) if groups.stacked(g) else args
+        # one member's shapes (no ops: a stack's leading axis dropped)
+        member = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), args) \
+            if groups.stacked(g) else args
         classes.setdefault(signature(member), []).append(g)
     return list(classes.values())
 

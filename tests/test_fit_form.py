@@ -88,8 +88,11 @@ def _mlp(layers=3):
     return out
 
 
-def test_merged_refit_equals_separate_refits(monkeypatch):
+@pytest.mark.parametrize("lone", [False, True])
+def test_merged_refit_equals_separate_refits(monkeypatch, lone):
     params = _mlp()
+    if lone:  # a group of one ((1, 24, 8): a bucket of its own) joins the two stacks
+        params.append({"lone": jax.random.normal(jax.random.PRNGKey(5), (1, 24, 8))})
     grads = jax.tree.map(lambda p: 0.1 * jnp.cos(3.0 * p) + 0.01, params)
     seen = []
     merge = _fit._merge_classes
@@ -100,7 +103,8 @@ def test_merged_refit_equals_separate_refits(monkeypatch):
 
     monkeypatch.setattr(_fit, "_merge_classes", spy)
     merged, s1 = _run(params, grads)
-    assert any(len(c) == 2 for c in seen[-1]), seen  # w_in and w_out: one call
+    # w_in and w_out (and the lone leaf): one call
+    assert any(len(c) == 2 + lone for c in seen[-1]), seen
     monkeypatch.setattr(_fit, "_merge_classes",
                         lambda groups, forms: [[g] for g in forms])
     alone, s2 = _run(params, grads)
